@@ -1,0 +1,35 @@
+# Two set-up commands: `make test` and `make demo`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.snce-installed
+# The pinned torch is installed first: on a fresh venv a bare `torch>=x` would resolve to a CUDA build.
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?= -n 2
+
+.PHONY: install test test-all demo bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not gpu"
+
+demo: install
+	$(VENV)/bin/snce study --config configs/study/digits.yaml
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

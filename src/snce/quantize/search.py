@@ -1,0 +1,174 @@
+"""Chunked nearest-code search: the one place snce turns (latents, codebook, metric) into scores.
+
+Every distance in snce is one of three metrics, each written as an affine "score" that is higher for nearer
+codes and equals ``-d(z, e_k)`` up to a constant per row (which cancels in argmin, top-k and softmax):
+
+    metric    d(z, e)              score s_k(z)
+    "l2"      ||z - e||^2          2 z.e_k - ||e_k||^2          (d = ||z||^2 - s)
+    "cosine"  1 - cos(z, e)        z^.e^_k  (unit vectors)     (d = 1 - s)
+    "dot"     -z.e                 z.e_k                        (d = -s)
+
+Scores are computed in float32 (TF32/bf16 can flip near-ties) one (rows x codes) block at a time, so no
+N x K matrix is ever held: peak extra memory is about ``max_block_bytes`` (64 MiB by default).
+The quantizers, the SNCE targets and the NeighborTable all go through :func:`code_blocks`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+METRICS = ("l2", "cosine", "dot")
+DEFAULT_BLOCK_BYTES = 64 * 2**20
+
+
+def check_metric(metric: str, name: str = "metric") -> str:
+    if metric not in METRICS:
+        raise ValueError(f"{name} must be one of {METRICS}, got {metric!r}")
+    return metric
+
+
+def to_search_space(x: torch.Tensor, metric: str) -> torch.Tensor:
+    """(..., D) -> float32 (..., D) in the space where scores are plain dot products (unit vectors for cosine)."""
+    x = x.float()
+    return F.normalize(x, dim=-1) if metric == "cosine" else x
+
+
+def code_offsets(codes: torch.Tensor, metric: str) -> torch.Tensor | None:
+    """(K, D) search-space codes -> (K,) additive score term (-||e||^2 for l2), or None."""
+    return -(codes * codes).sum(-1) if metric == "l2" else None
+
+
+def block_scores(
+    z: torch.Tensor, codes: torch.Tensor, offsets: torch.Tensor | None, metric: str, scale: float = 1.0
+) -> torch.Tensor:
+    """Scores of search-space rows z (n, D) against codes (k, D), times ``scale``: (n, k) float32."""
+    if metric == "l2":
+        # scale * (2 z.e - ||e||^2) in one addmm
+        return torch.addmm(offsets, z, codes.T, beta=scale, alpha=2.0 * scale)
+    out = z @ codes.T
+    return out.mul_(scale) if scale != 1.0 else out
+
+
+def block_shape(n_rows: int, n_codes: int, max_block_bytes: int = DEFAULT_BLOCK_BYTES) -> tuple[int, int]:
+    """(rows, codes) per block so that one float32 block stays within ``max_block_bytes``."""
+    elems = max(1, max_block_bytes // 4)
+    codes = min(n_codes, max(1, elems // max(1, min(n_rows, 1024))))
+    rows = min(n_rows, max(1, elems // codes))
+    return rows, codes
+
+
+def code_blocks(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    metric: str = "l2",
+    *,
+    scale: float = 1.0,
+    max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+    """Yield ``(rows, codes, scores)`` blocks covering the (N, K) score matrix, codes fastest.
+
+    z: (N, D) latents, codebook: (K, D); both are mapped to the search space once. ``scores`` is the
+    (len(rows), len(codes)) float32 block of ``scale * s_k(z)`` for that block.
+    """
+    check_metric(metric)
+    zs = to_search_space(z, metric)
+    cs = to_search_space(codebook, metric)
+    offsets = code_offsets(cs, metric)
+    n, k = zs.shape[0], cs.shape[0]
+    rows_per, codes_per = block_shape(n, k, max_block_bytes)
+    for r0 in range(0, n, rows_per):
+        rows = slice(r0, min(n, r0 + rows_per))
+        for c0 in range(0, k, codes_per):
+            codes = slice(c0, min(k, c0 + codes_per))
+            off = None if offsets is None else offsets[codes]
+            yield rows, codes, block_scores(zs[rows], cs[codes], off, metric, scale)
+
+
+def scores_to_distances(scores: torch.Tensor, z: torch.Tensor, metric: str) -> torch.Tensor:
+    """Turn scores (N, k) of rows z (N, D) into true distances d(z, e) (float32)."""
+    if metric == "l2":
+        zf = z.float()
+        return ((zf * zf).sum(-1, keepdim=True) - scores).clamp_min_(0.0)
+    if metric == "cosine":
+        return 1.0 - scores
+    return -scores
+
+
+def check_search_inputs(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> None:
+    check_metric(metric)
+    if not (torch.is_tensor(z) and z.dim() == 2 and z.is_floating_point()):
+        raise ValueError(f"latents must be a floating (N, D) tensor, got {_describe(z)}")
+    if not (torch.is_tensor(codebook) and codebook.dim() == 2 and codebook.is_floating_point()):
+        raise ValueError(f"codebook must be a floating (K, D) tensor, got {_describe(codebook)}")
+    if z.shape[1] != codebook.shape[1]:
+        raise ValueError(
+            f"latent dimension {z.shape[1]} does not match the codebook's dimension {codebook.shape[1]} "
+            f"(latents {tuple(z.shape)}, codebook {tuple(codebook.shape)})"
+        )
+    if codebook.shape[0] == 0:
+        raise ValueError("codebook is empty (K = 0)")
+
+
+def _describe(x) -> str:
+    if torch.is_tensor(x):
+        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+@torch.no_grad()
+def nearest_codes(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    metric: str = "l2",
+    k: int = 1,
+    *,
+    max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest codes of every row, without an N x K matrix.
+
+    Args:
+        z: (N, D) latents. codebook: (K, D). metric: "l2" | "cosine" | "dot". k: 1 <= k <= K.
+    Returns:
+        distances (N, k) float32 ascending, indices (N, k) long. Ties go to the lower code index.
+    """
+    check_search_inputs(z, codebook, metric)
+    if not (isinstance(k, int) and 1 <= k <= codebook.shape[0]):
+        raise ValueError(f"k must be an int in [1, {codebook.shape[0]}], got {k!r}")
+    n = z.shape[0]
+    best_s = torch.full((n, k), -math.inf, device=z.device)
+    best_i = torch.zeros((n, k), dtype=torch.long, device=z.device)
+    for rows, codes, s in code_blocks(z, codebook, metric, max_block_bytes=max_block_bytes):
+        if k == 1:
+            s_top, i_top = s.max(dim=1, keepdim=True)
+        else:
+            s_top, i_top = s.topk(min(k, s.shape[1]), dim=1)
+        i_top += codes.start
+        # Running merge; earlier blocks come first so equal scores keep the lower index.
+        if k == 1:
+            take = s_top > best_s[rows]
+            best_s[rows] = torch.where(take, s_top, best_s[rows])
+            best_i[rows] = torch.where(take, i_top, best_i[rows])
+        else:
+            cand_s = torch.cat([best_s[rows], s_top], dim=1)
+            cand_i = torch.cat([best_i[rows], i_top], dim=1)
+            top_s, pos = _stable_topk(cand_s, cand_i, k)
+            best_s[rows], best_i[rows] = top_s, cand_i.gather(1, pos)
+    return scores_to_distances(best_s, z, metric), best_i
+
+
+def _stable_topk(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row, ties broken towards the lower code index. Returns (values, positions)."""
+    # Sort by index first, then a stable sort by score keeps lower indices first among equals.
+    order = index.argsort(dim=1)
+    s_sorted = scores.gather(1, order)
+    s_top, pos = s_sorted.sort(dim=1, descending=True, stable=True)
+    return s_top[:, :k], order.gather(1, pos[:, :k])
+
+
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", **kw) -> torch.Tensor:
+    """(N, D) -> (N,) long index of the nearest code (exact, chunked)."""
+    return nearest_codes(z, codebook, metric, 1, **kw)[1][:, 0]
