@@ -32,8 +32,8 @@ def check_metric(metric: str, name: str = "metric") -> str:
 
 
 def to_search_space(x: torch.Tensor, metric: str) -> torch.Tensor:
-    """(..., D) -> float32 (..., D) in the space where scores are plain dot products (unit vectors for cosine)."""
-    x = x.float()
+    """(..., D) -> float32 (float64 stays float64) in the space where scores are plain dot products."""
+    x = x if x.dtype == torch.float64 else x.float()
     return F.normalize(x, dim=-1) if metric == "cosine" else x
 
 
@@ -91,7 +91,7 @@ def code_blocks(
 def scores_to_distances(scores: torch.Tensor, z: torch.Tensor, metric: str) -> torch.Tensor:
     """Turn scores (N, k) of rows z (N, D) into true distances d(z, e) (float32)."""
     if metric == "l2":
-        zf = z.float()
+        zf = z.to(scores.dtype)
         return ((zf * zf).sum(-1, keepdim=True) - scores).clamp_min_(0.0)
     if metric == "cosine":
         return 1.0 - scores
@@ -126,22 +126,29 @@ def nearest_codes(
     metric: str = "l2",
     k: int = 1,
     *,
+    logsumexp_tau: float | None = None,
     max_block_bytes: int = DEFAULT_BLOCK_BYTES,
-) -> tuple[torch.Tensor, torch.Tensor]:
+):
     """Exact k nearest codes of every row, without an N x K matrix.
 
     Args:
         z: (N, D) latents. codebook: (K, D). metric: "l2" | "cosine" | "dot". k: 1 <= k <= K.
+        logsumexp_tau: if given, also return logsumexp_k(-d(z, e_k) / tau) over ALL codes, (N,), in the same pass.
     Returns:
-        distances (N, k) float32 ascending, indices (N, k) long. Ties go to the lower code index.
+        distances (N, k) float32 ascending, indices (N, k) long [, log-normalizer (N,)].
+        Ties go to the lower code index.
     """
     check_search_inputs(z, codebook, metric)
     if not (isinstance(k, int) and 1 <= k <= codebook.shape[0]):
         raise ValueError(f"k must be an int in [1, {codebook.shape[0]}], got {k!r}")
     n = z.shape[0]
-    best_s = torch.full((n, k), -math.inf, device=z.device)
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    best_s = torch.full((n, k), -math.inf, device=z.device, dtype=dtype)
     best_i = torch.zeros((n, k), dtype=torch.long, device=z.device)
+    lse = torch.full((n,), -math.inf, device=z.device, dtype=dtype) if logsumexp_tau else None
     for rows, codes, s in code_blocks(z, codebook, metric, max_block_bytes=max_block_bytes):
+        if lse is not None:
+            lse[rows] = torch.logaddexp(lse[rows], torch.logsumexp(s / logsumexp_tau, dim=1))
         if k == 1:
             s_top, i_top = s.max(dim=1, keepdim=True)
         else:
@@ -157,7 +164,12 @@ def nearest_codes(
             cand_i = torch.cat([best_i[rows], i_top], dim=1)
             top_s, pos = _stable_topk(cand_s, cand_i, k)
             best_s[rows], best_i[rows] = top_s, cand_i.gather(1, pos)
-    return scores_to_distances(best_s, z, metric), best_i
+    distances = scores_to_distances(best_s, z, metric)
+    if lse is None:
+        return distances, best_i
+    # scores = c(z) - d, so logsumexp(-d / tau) = logsumexp(scores / tau) - c(z) / tau.
+    c = scores_to_distances(torch.zeros_like(best_s[:, :1]), z, metric)[:, 0]
+    return distances, best_i, lse - c / logsumexp_tau
 
 
 def _stable_topk(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
