@@ -1,5 +1,47 @@
-"""Large-codebook quantizers behind one contract, and the shared chunked nearest-code search."""
+"""Large-codebook quantizers behind one contract, and the shared chunked nearest-code search.
 
+Every quantizer returns a :class:`QuantizerOutput` and exposes ``codebook`` / ``metric`` (the exact geometry
+it assigns with) and ``config`` (a JSON-able dict that :func:`build_quantizer` turns back into a quantizer).
+"""
+
+from snce.quantize.base import (
+    Quantizer,
+    QuantizerOutput,
+    UsageTracker,
+    codebook_usage,
+    kmeans,
+)
 from snce.quantize.search import METRICS, code_blocks, nearest_code, nearest_codes
+from snce.quantize.vq import VectorQuantizer
 
-__all__ = ["METRICS", "code_blocks", "nearest_code", "nearest_codes"]
+QUANTIZERS: dict[str, type[Quantizer]] = {cls.kind: cls for cls in (VectorQuantizer,)}
+
+
+def build_quantizer(config: dict) -> Quantizer:
+    """Build a freshly initialised quantizer from ``quantizer.config`` (a dict with a "kind" key).
+
+    Weights are not part of the config: load them with ``load_state_dict`` afterwards.
+    """
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    kwargs = dict(config)
+    kind = kwargs.pop("kind", None)
+    if kind not in QUANTIZERS:
+        raise ValueError(f"config['kind'] must be one of {sorted(QUANTIZERS)}, got {kind!r}")
+    return QUANTIZERS[kind](**kwargs)
+
+
+__all__ = [
+    "METRICS",
+    "QUANTIZERS",
+    "Quantizer",
+    "QuantizerOutput",
+    "UsageTracker",
+    "VectorQuantizer",
+    "build_quantizer",
+    "code_blocks",
+    "codebook_usage",
+    "kmeans",
+    "nearest_code",
+    "nearest_codes",
+]
