@@ -1,0 +1,16 @@
+"""The SNCE loss: soft targets from codebook geometry, dense reference, chunked torch path, modules."""
+
+from snce.losses.functional import fused_linear_cross_entropy, fused_linear_snce_loss, snce_loss
+from snce.losses.modules import FusedLinearSNCELoss, SNCELoss
+from snce.losses.targets import NeighborTable, neighbor_distribution, suggest_tau
+
+__all__ = [
+    "FusedLinearSNCELoss",
+    "NeighborTable",
+    "SNCELoss",
+    "fused_linear_cross_entropy",
+    "fused_linear_snce_loss",
+    "neighbor_distribution",
+    "snce_loss",
+    "suggest_tau",
+]

@@ -1,0 +1,244 @@
+"""Memory-efficient SNCE and cross-entropy in plain torch (CPU and CUDA alike).
+
+Shapes: N tokens, K codes, H hidden size, D code dimension.
+
+Per token i with student logits s and soft target q:
+
+    loss_i = logsumexp(s) - sum_k q_k s_k          (= -sum_k q_k log softmax(s)_k)
+    dloss_i / ds = softmax(s) - q
+
+Tokens are processed in row blocks of ``n`` rows; a block holds its (n, K) student logits and, for dense
+targets, its (n, K) teacher logits, so the peak extra memory is ~2 x n x K x 4 bytes (``memory_budget``,
+256 MiB by default), never the (N, K) logits or targets. For ``reduction="mean"|"sum"`` the gradient is
+formed in the forward pass (as Liger-Kernel does), so the backward is a scalar multiply and no matmul is
+recomputed; ``reduction="none"`` needs the upstream per-token gradient first, so the fused path re-runs its
+blocks in the backward. Elementwise work runs on sub-blocks of ``n`` that stay in the CPU's cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from snce.losses.targets import TeacherLogits
+
+DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for the per-block (n, K) buffers
+CACHE_BLOCK_BYTES = 4 * 2**20  # elementwise sub-blocks: roughly one L2/L3 slice
+
+
+@dataclass
+class Problem:
+    """Everything about the targets of one loss call, validated and flattened.
+
+    target: (N,) long. rows: (M,) long indices of non-ignored tokens. scale: (N,) per-token factor of the
+    reduction (weight / #non-ignored for "mean", weight otherwise). Exactly one target kind is set:
+    ``teacher`` (dense q, optionally ``topk``), ``table`` (NeighborTable), or hard labels (CE, with
+    ``smoothing``).
+    """
+
+    target: torch.Tensor
+    rows: torch.Tensor
+    scale: torch.Tensor
+    reduction: str
+    num_codes: int
+    teacher: TeacherLogits | None = None
+    topk: int | None = None
+    table: object | None = None
+    smoothing: float = 0.0
+    block_rows: int = 256
+
+    def blocks(self):
+        for start in range(0, self.rows.numel(), self.block_rows):
+            yield self.rows[start : start + self.block_rows]
+
+    def block_targets(self, rows: torch.Tensor):
+        """-> (dense teacher logits (n, K) or None, sparse indices (n, k) or None, sparse probs (n, k))."""
+        if self.teacher is not None:
+            t = self.teacher.block(rows, self.target)
+            if self.topk is None:
+                return t, None, None
+            vals, idx = t.topk(self.topk, dim=1)
+            return None, idx, vals.softmax(dim=1)
+        if self.table is not None:
+            idx, probs = self.table.lookup(self.target[rows])
+            return None, idx, probs
+        idx = self.target[rows, None]
+        return None, idx, torch.ones(idx.shape, dtype=torch.float32, device=idx.device)
+
+
+def block_rows_for(num_codes: int, memory_budget: int | None, block_rows: int | None) -> int:
+    """Rows per block: ``block_rows`` if given, else what fits two float32 (n, K) buffers in the budget."""
+    if block_rows is not None:
+        if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
+            raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
+        return block_rows
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    return max(1, budget // (2 * 4 * num_codes))
+
+
+def soft_ce_block(s, t, idx, probs, smoothing, scale, want_grad) -> torch.Tensor:
+    """Soft cross-entropy of one row block, in place.
+
+    s: (n, K) student logits (float32/64, overwritten). Target q is either dense: t (n, K) teacher logits
+    (overwritten), q = softmax(t); or sparse: (1 - smoothing) * sum_j probs_j onehot(idx_j) + smoothing / K.
+    scale: (n,) gradient factors. Returns loss (n,); if ``want_grad``, s then holds scale * (softmax(s) - q).
+    """
+    n, num_codes = s.shape
+    sub = max(1, CACHE_BLOCK_BYTES // (num_codes * s.element_size() * (1 if t is None else 2)))
+    loss = s.new_empty(n)
+    for a in range(0, n, sub):
+        b = min(n, a + sub)
+        sb = s[a:b]
+        sb.sub_(sb.amax(dim=1, keepdim=True))  # shift; the loss is shift invariant
+        if t is not None:
+            tb = t[a:b]
+            tb.sub_(tb.amax(dim=1, keepdim=True)).exp_()  # unnormalised q
+            t_norm = tb.sum(dim=1)
+            target_term = torch.bmm(tb.unsqueeze(1), sb.unsqueeze(2)).view(-1) / t_norm  # sum_k q_k s_k
+        else:
+            ib, pb = idx[a:b], probs[a:b].to(s.dtype)
+            target_term = (pb * sb.gather(1, ib)).sum(dim=1)
+            if smoothing:
+                target_term = (1 - smoothing) * target_term + smoothing * sb.mean(dim=1)
+        s_norm = sb.exp_().sum(dim=1)
+        loss[a:b] = s_norm.log() - target_term
+        if want_grad:
+            c = scale[a:b, None].to(s.dtype)
+            sb.mul_(c / s_norm[:, None])  # scale * softmax(s)
+            if t is not None:
+                sb.sub_(tb.mul_(c / t_norm[:, None]))
+            else:
+                sb.scatter_add_(1, ib, -(1 - smoothing) * c * pb)
+                if smoothing:
+                    sb.sub_(c * (smoothing / num_codes))
+    return loss
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduce_rows(loss_rows: torch.Tensor, problem: Problem) -> torch.Tensor:
+    """Per-token losses (N,) -> the requested reduction (scale already holds weights and 1/count)."""
+    weighted = loss_rows * problem.scale.to(loss_rows.dtype)
+    return weighted if problem.reduction == "none" else weighted.sum()
+
+
+def logits_pass(logits: torch.Tensor, problem: Problem, want_grad: bool):
+    """Loss rows (N,) and, if ``want_grad``, the (N, K) gradient scale * (softmax - q)."""
+    dt = compute_dtype(logits.dtype)
+    loss_rows = torch.zeros(logits.shape[0], dtype=dt, device=logits.device)
+    grad = torch.zeros_like(logits) if want_grad else None
+    for rows in problem.blocks():
+        s = logits[rows].to(dt)  # a copy: index_select
+        t, idx, probs = problem.block_targets(rows)
+        loss_rows[rows] = soft_ce_block(
+            s, t, idx, probs, problem.smoothing, problem.scale[rows], want_grad
+        )
+        if want_grad:
+            grad[rows] = s.to(grad.dtype)
+    return loss_rows, grad
+
+
+def linear_pass(hidden, weight, bias, problem: Problem, scale: torch.Tensor, needs_grad):
+    """Fused head + loss over row blocks. needs_grad: (hidden, weight, bias) booleans.
+
+    Returns loss rows (N,) and gradients (grad_hidden, grad_weight, grad_bias), each None when not needed,
+    with the per-token factor ``scale`` (N,) applied.
+    """
+    dt = compute_dtype(hidden.dtype)
+    want_grad = any(needs_grad)
+    acc = compute_dtype(weight.dtype)  # low-precision weights accumulate their gradient in float32
+    loss_rows = torch.zeros(hidden.shape[0], dtype=dt, device=hidden.device)
+    grad_h = torch.zeros_like(hidden) if needs_grad[0] else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_grad[1] else None
+    grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs_grad[2] else None
+    for rows in problem.blocks():
+        h = hidden[rows]  # (n, H)
+        s = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)  # (n, K)
+        s = s.to(dt)  # no copy in float32/64: s is ours to overwrite
+        t, idx, probs = problem.block_targets(rows)
+        loss_rows[rows] = soft_ce_block(s, t, idx, probs, problem.smoothing, scale[rows], want_grad)
+        if not want_grad:
+            continue
+        if grad_h is not None:
+            grad_h[rows] = (s.to(weight.dtype) @ weight).to(grad_h.dtype)
+        if grad_w is not None:
+            if acc == weight.dtype:
+                grad_w.addmm_(s.T, h)
+            else:
+                grad_w.addmm_(s.T, h.to(acc))
+        if grad_b is not None:
+            grad_b += s.sum(dim=0).to(acc)
+    cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+    return loss_rows, (grad_h, cast(grad_w, weight), cast(grad_b, bias) if bias is not None else None)
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    """Loss from given logits; the (N, K) gradient is formed in the forward."""
+
+    @staticmethod
+    def forward(ctx, logits, problem: Problem):
+        loss_rows, grad = logits_pass(logits, problem, want_grad=ctx.needs_input_grad[0])
+        ctx.reduction = problem.reduction
+        ctx.save_for_backward(grad)
+        return reduce_rows(loss_rows, problem)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            return grad * grad_out[:, None].to(grad.dtype), None
+        return grad * grad_out.to(grad.dtype), None
+
+
+class _FusedLinearSoftCrossEntropy(torch.autograd.Function):
+    """Loss from hidden states and the output head without the (N, K) logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, problem: Problem):
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        ctx.problem = problem
+        if problem.reduction == "none":
+            # The per-token upstream gradient is unknown until backward: recompute there.
+            loss_rows, _ = linear_pass(hidden, weight, bias, problem, problem.scale, (False,) * 3)
+            ctx.save_for_backward(hidden, weight, bias)
+            ctx.needs = needs
+        else:
+            loss_rows, grads = linear_pass(hidden, weight, bias, problem, problem.scale, needs)
+            ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
+            ctx.has = [g is not None for g in grads]
+        return reduce_rows(loss_rows, problem)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.problem.reduction == "none":
+            hidden, weight, bias = ctx.saved_tensors
+            scale = ctx.problem.scale * grad_out.to(ctx.problem.scale.dtype)
+            _, grads = linear_pass(hidden, weight, bias, ctx.problem, scale, ctx.needs)
+            return (*grads, None)
+        grads = [g * grad_out.to(g.dtype) if has else None for g, has in zip(ctx.saved_tensors, ctx.has)]
+        return (*grads, None)
+
+
+def mean_scale(target, weight, ignore_index, reduction, dtype) -> torch.Tensor:
+    """(N,) per-token reduction factor: weight (or 1), zero on ignored tokens, / #non-ignored for "mean"."""
+    valid = target != ignore_index
+    scale = valid.to(dtype) if weight is None else torch.where(valid, weight.to(dtype), 0.0)
+    if reduction == "mean":
+        scale = scale / valid.sum().clamp_min(1)
+    return scale
+
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "Problem",
+    "block_rows_for",
+    "soft_ce_block",
+    "logits_pass",
+    "linear_pass",
+    "mean_scale",
+]
