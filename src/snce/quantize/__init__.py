@@ -11,10 +11,11 @@ from snce.quantize.base import (
     codebook_usage,
     kmeans,
 )
+from snce.quantize.ibq import IBQuantizer
 from snce.quantize.search import METRICS, code_blocks, nearest_code, nearest_codes
 from snce.quantize.vq import VectorQuantizer
 
-QUANTIZERS: dict[str, type[Quantizer]] = {cls.kind: cls for cls in (VectorQuantizer,)}
+QUANTIZERS: dict[str, type[Quantizer]] = {cls.kind: cls for cls in (VectorQuantizer, IBQuantizer)}
 
 
 def build_quantizer(config: dict) -> Quantizer:
@@ -32,6 +33,7 @@ def build_quantizer(config: dict) -> Quantizer:
 
 
 __all__ = [
+    "IBQuantizer",
     "METRICS",
     "QUANTIZERS",
     "Quantizer",
