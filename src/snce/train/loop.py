@@ -1,0 +1,481 @@
+"""The one training loop of snce, shared by the tokenizer and the generators.
+
+The caller brings a model, a dataset and an objective; the loop owns everything else::
+
+    def loss_fn(model, batch, step):          # model: the (possibly DDP-wrapped) module
+        loss = ...                            # scalar tensor, averaged over the micro-batch
+        return loss, {"rec": rec_loss}        # extra scalars to log (tensors or floats)
+
+    trainer = Trainer(model, loss_fn, dataset, cfg.train, config=cfg.to_dict(), resume=args.resume)
+    trainer.fit()
+    with trainer.eval_weights() as m:         # EMA weights (when on), eval mode
+        m.save_pretrained(out)
+
+What it does: AdamW (weight decay on matrices/kernels only), linear warmup then cosine or constant LR,
+gradient clipping, an EMA of the weights, gradient accumulation, bf16 autocast on GPU (fp32 on CPU), an
+atomic checkpoint every ``ckpt_every`` steps and at the end, ``resume``, TensorBoard scalars plus a
+``log.jsonl`` copy, a tqdm bar, and callbacks (e.g. :class:`ImageCallback` PNG grids).
+
+Batches and DDP. ``batch_size`` is the global number of samples per optimizer step; each of the
+``world_size`` processes sees ``batch_size / (world_size * grad_accum)`` samples per micro-step. Epoch ``e``
+visits the permutation ``randperm(N, seed + e)`` (truncated to a multiple of ``world_size``) and rank ``r``
+reads every ``world_size``-th entry from offset ``r``, so the union of all ranks' micro-batches at a step
+is exactly what a single process reads with the same ``batch_size``: a run under ``torchrun`` follows the
+single-process run up to float rounding (for objectives that are per-sample means). The data position is a
+function of the step alone, so resuming mid-epoch needs no sampler state.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (NCCL on GPU, gloo
+on CPU) and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from snce.config import Config, ConfigError
+from snce.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from snce.train.distributed import all_reduce_mean, barrier, init_distributed
+from snce.train.images import save_image_grid
+
+LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict]]
+
+
+@dataclass
+class TrainConfig(Config):
+    """Settings of :class:`Trainer` (the ``train:`` section of a run config)."""
+
+    out_dir: str = "runs/run"  # checkpoints/, tb/, images/, log.jsonl go here
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 64  # global samples per optimizer step (all ranks x accumulation)
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 2e-4
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0  # linear warmup from lr / warmup_steps
+    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
+    weight_decay: float = 0.0  # applied to >= 2-D parameters only
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float | None = 1.0  # max global grad norm; null = no clipping
+    ema_decay: float | None = None  # e.g. 0.999; null = no EMA
+    amp: bool = True  # bf16 autocast, on CUDA only (CPU always runs fp32)
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    num_workers: int = 0  # DataLoader worker processes
+    log_every: int = 10
+    ckpt_every: int = 500  # a checkpoint is also written at the last step
+    keep_checkpoints: int = 2
+    image_every: int = 0  # PNG grid interval for image callbacks; 0 = only at the end
+    progress: bool = True  # tqdm bar
+    tensorboard: bool = True
+
+    def check(self) -> None:
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "log_every",
+            "ckpt_every",
+            "keep_checkpoints",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "num_workers", "image_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("min_lr_ratio", f"must lie in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError("betas", f"must lie in [0, 1), got {list(self.betas)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError("grad_clip", f"must be > 0 or null, got {self.grad_clip}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ConfigError("ema_decay", f"must lie in [0, 1) or be null, got {self.ema_decay}")
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ConfigError("device", f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+class StepSampler(Sampler[int]):
+    """This rank's sample indices for one epoch, starting ``start`` samples in (see the module docstring)."""
+
+    def __init__(
+        self, num_samples: int, rank: int, world_size: int, seed: int, shuffle: bool = True
+    ):
+        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.per_rank = num_samples // world_size
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=g)
+        else:
+            order = torch.arange(self.num_samples)
+        mine = order[: self.per_rank * self.world_size][self.rank :: self.world_size]
+        return iter(mine[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+class Callback:
+    """Called on every rank after each optimizer step (and its checkpoint); write files on rank 0 only."""
+
+    def on_step(self, trainer: Trainer, step: int) -> None:
+        raise NotImplementedError
+
+
+class ImageCallback(Callback):
+    """Every ``every`` steps (and at the last step) save ``make_images(model)`` as a PNG grid.
+
+    ``make_images`` gets the unwrapped model with EMA weights (when on) in eval mode under ``no_grad`` and
+    returns (B, C, H, W) images in [-1, 1]. Files: ``<out_dir>/images/<name>_<step>.png``. Rank 0 only.
+    """
+
+    def __init__(
+        self,
+        every: int,
+        make_images: Callable[[nn.Module], torch.Tensor],
+        name: str = "samples",
+        nrow: int | None = None,
+        scale: int = 1,
+    ):
+        self.every, self.make_images, self.name, self.nrow, self.scale = (
+            every,
+            make_images,
+            name,
+            nrow,
+            scale,
+        )
+
+    def on_step(self, trainer: Trainer, step: int) -> None:
+        due = step == trainer.cfg.steps or (self.every > 0 and step % self.every == 0)
+        if not (due and trainer.dist.is_main):
+            return
+        with trainer.eval_weights() as model, torch.no_grad():
+            images = self.make_images(model)
+        path = trainer.out_dir / "images" / f"{self.name}_{step:07d}.png"
+        save_image_grid(images, path, nrow=self.nrow, scale=self.scale)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def to_device(batch, device: torch.device):
+    """Move the tensors of a (nested) batch to ``device``."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+class Trainer:
+    """Trains ``model`` on ``dataset`` with ``loss_fn``; see the module docstring.
+
+    Args:
+        model: any ``nn.Module`` (moved to the run's device; wrapped in DDP under torchrun).
+        loss_fn: ``loss_fn(model, batch, step) -> (loss, logs)``; ``step`` counts finished optimizer steps.
+        dataset: a map-style Dataset; batches are collated by ``collate_fn`` (torch's default if None).
+        cfg: :class:`TrainConfig`.
+        config: the run's full configuration (JSON-able), stored in every checkpoint.
+        callbacks: :class:`Callback` objects run after every step.
+        resume: continue from the newest checkpoint in ``cfg.out_dir`` (required to reuse an out_dir).
+        find_unused_parameters: passed to DDP, for objectives that skip some parameters on some steps.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        dataset: Dataset,
+        cfg: TrainConfig,
+        *,
+        config: dict | None = None,
+        callbacks: list[Callback] | tuple = (),
+        collate_fn: Callable | None = None,
+        resume: bool = False,
+        find_unused_parameters: bool = False,
+    ):
+        self.cfg, self.loss_fn, self.callbacks = cfg, loss_fn, list(callbacks)
+        self.config = config if config is not None else {"train": cfg.to_dict()}
+        self.dist = init_distributed(cfg.device)
+        self.device = self.dist.device
+        self.out_dir = Path(cfg.out_dir)
+        world, accum = self.dist.world_size, cfg.grad_accum
+        if cfg.batch_size % (world * accum):
+            raise ConfigError(
+                "train.batch_size",
+                f"must be divisible by world_size x grad_accum = {world} x {accum}, got {cfg.batch_size}",
+            )
+        self.micro_batch = cfg.batch_size // (world * accum)
+        self.sampler = StepSampler(len(dataset), self.dist.rank, world, cfg.seed)
+        self.batches_per_epoch = self.sampler.per_rank // self.micro_batch
+        if self.batches_per_epoch == 0:
+            raise ConfigError(
+                "train.batch_size",
+                f"the dataset holds {len(dataset)} samples ({self.sampler.per_rank} per rank), fewer than "
+                f"one micro-batch of {self.micro_batch}; lower train.batch_size",
+            )
+        self.loader = DataLoader(
+            dataset,
+            batch_size=self.micro_batch,
+            sampler=self.sampler,
+            num_workers=cfg.num_workers,
+            collate_fn=collate_fn,
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator(),  # keeps the loader from drawing on the global RNG
+        )
+
+        self.model = model.to(self.device)
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        self.ema = (
+            {n: p.detach().float().clone() for n, p in params}
+            if cfg.ema_decay is not None
+            else None
+        )
+        self.step = 0
+        self._restore_or_start(resume)
+        self.ddp = (
+            DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters,
+            )
+            if self.dist.distributed
+            else self.model
+        )
+
+    # ---------------------------------------------------------------- setup / checkpoints
+
+    def _restore_or_start(self, resume: bool) -> None:
+        ckpt = latest_checkpoint(self.out_dir)
+        if resume:
+            if ckpt is None:
+                raise FileNotFoundError(
+                    f"--resume: no checkpoint found under {self.out_dir / 'checkpoints'}"
+                )
+            state, ema = load_checkpoint(ckpt, self.model)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step = int(state["step"])
+            if self.ema is not None:
+                if ema is None:
+                    raise ValueError(
+                        f"checkpoint {ckpt} holds no EMA weights but train.ema_decay is set"
+                    )
+                for name, value in ema.items():
+                    self.ema[name].copy_(value)
+            rngs = state["rng"]
+            if len(rngs) == self.dist.world_size:
+                set_rng_state(rngs[self.dist.rank])
+            else:  # a different world size cannot continue the same random streams
+                torch.manual_seed(self.cfg.seed + 7919 * self.dist.rank + self.step)
+            return
+        if ckpt is not None:
+            raise FileExistsError(
+                f"{self.out_dir} already holds checkpoints ({ckpt.name}); pass --resume to continue that run "
+                "or choose another train.out_dir"
+            )
+        torch.manual_seed(self.cfg.seed + 7919 * self.dist.rank)
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (collective under DDP; rank 0 writes)."""
+        rngs = [None] * self.dist.world_size
+        if self.dist.distributed:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        path = None
+        if self.dist.is_main:
+            state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rngs}
+            path = save_checkpoint(
+                self.out_dir,
+                self.step,
+                self.model,
+                state,
+                self.config,
+                self.ema,
+                self.cfg.keep_checkpoints,
+            )
+        barrier()
+        return path
+
+    # ---------------------------------------------------------------- schedule / EMA
+
+    def lr_at(self, step: int) -> float:
+        """LR for the optimizer step that follows ``step`` finished steps."""
+        cfg = self.cfg
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return cfg.lr
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return cfg.lr * (
+            cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        )
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # Warm-up of the decay so short runs are not dominated by the initial weights.
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        names = list(self.ema)
+        params = dict(self.model.named_parameters())
+        current = [params[n].detach().float() for n in names]
+        torch._foreach_lerp_([self.ema[n] for n in names], current, 1 - decay)
+
+    @contextmanager
+    def eval_weights(self):
+        """The unwrapped model with EMA weights (when on) in eval mode; restores training weights after."""
+        model = self.model
+        was_training = model.training
+        backup = None
+        if self.ema is not None:
+            params = dict(model.named_parameters())
+            backup = {n: params[n].detach().clone() for n in self.ema}
+            with torch.no_grad():
+                for n, v in self.ema.items():
+                    params[n].copy_(v)
+        model.eval()
+        try:
+            yield model
+        finally:
+            if backup is not None:
+                params = dict(model.named_parameters())
+                with torch.no_grad():
+                    for n, v in backup.items():
+                        params[n].copy_(v)
+            model.train(was_training)
+
+    # ---------------------------------------------------------------- loop
+
+    def _micro_batches(self) -> Iterator:
+        epoch, start = divmod(self.step * self.cfg.grad_accum, self.batches_per_epoch)
+        while True:
+            self.sampler.set_position(epoch, start * self.micro_batch)
+            yield from self.loader
+            epoch, start = epoch + 1, 0
+
+    def fit(self) -> None:
+        """Train until ``cfg.steps`` optimizer steps are done."""
+        cfg, main = self.cfg, self.dist.is_main
+        if self.step >= cfg.steps:
+            return
+        writer = None
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.step)
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if cfg.amp and self.device.type == "cuda"
+            else nullcontext()
+        )
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            disable=not (main and cfg.progress),
+            desc=self.out_dir.name,
+        )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        batches = self._micro_batches()
+        t0 = time.perf_counter()
+        self.ddp.train()
+        try:
+            while self.step < cfg.steps:
+                lr = self.lr_at(self.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                for micro in range(cfg.grad_accum):
+                    batch = to_device(next(batches), self.device)
+                    last = micro == cfg.grad_accum - 1
+                    sync = (
+                        self.ddp.no_sync() if self.dist.distributed and not last else nullcontext()
+                    )
+                    with sync:
+                        with autocast:
+                            loss, logs = self.loss_fn(self.ddp, batch, self.step)
+                        (loss / cfg.grad_accum).backward()
+                    for k, v in {"loss": loss, **logs}.items():
+                        v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+                        sums[k] = sums.get(k, 0.0) + v.to(self.device)
+                    count += 1
+                max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                if self.ema is not None:
+                    self._update_ema()
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    logs = self._reduce_logs(sums, count, grad_norm, lr, time.perf_counter() - t0)
+                    sums, count, t0 = {}, 0, time.perf_counter()
+                    if main:
+                        self._write_logs(logs, writer, bar)
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    self.save()
+                for callback in self.callbacks:
+                    callback.on_step(self, self.step)
+                bar.update(1)
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+
+    def _reduce_logs(self, sums, count, grad_norm, lr, seconds) -> dict[str, float]:
+        keys = sorted(sums)
+        values = torch.stack([sums[k] / count for k in keys] + [grad_norm.float().to(self.device)])
+        values = all_reduce_mean(values).tolist()
+        logs = dict(zip(keys + ["grad_norm"], values, strict=True))
+        if not math.isfinite(logs["loss"]):
+            raise FloatingPointError(f"loss is {logs['loss']} at step {self.step}; lower train.lr?")
+        logs["lr"] = lr
+        logs["samples_per_s"] = count / max(seconds, 1e-9) * self.micro_batch * self.dist.world_size
+        return logs
+
+    def _write_logs(self, logs: dict[str, float], writer, bar) -> None:
+        if writer is not None:
+            for k, v in logs.items():
+                writer.add_scalar(f"train/{k}", v, self.step)
+        with open(self.out_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, **logs}) + "\n")
+        bar.set_postfix(loss=f"{logs['loss']:.4g}", lr=f"{logs['lr']:.2e}")

@@ -1,0 +1,167 @@
+"""The shared training loop: resume equals an uninterrupted run, accumulation, DDP equivalence, schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _tiny import make_cfg, mse_loss, tiny_dataset, tiny_model
+from safetensors.torch import load_file
+
+from snce.config import ConfigError
+from snce.train import Callback, ImageCallback, TrainConfig, Trainer, latest_checkpoint
+
+
+class Kill(Callback):
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step(self, trainer, step):
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+def trainer_state(t: Trainer):
+    return (
+        {k: v.clone() for k, v in t.model.state_dict().items()},
+        {k: v.clone() for k, v in t.ema.items()},
+        t.optimizer.state_dict()["state"],
+    )
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
+    full = Trainer(tiny_model(), mse_loss, tiny_dataset(), make_cfg(tmp_path / "full"))
+    full.fit()
+
+    killed = Trainer(
+        tiny_model(), mse_loss, tiny_dataset(), make_cfg(tmp_path / "cut"), callbacks=[Kill(4)]
+    )
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    assert latest_checkpoint(tmp_path / "cut").name == "step_0000003"
+    # A differently initialised model: every weight must come from the checkpoint.
+    resumed = Trainer(
+        tiny_model(seed=1), mse_loss, tiny_dataset(), make_cfg(tmp_path / "cut"), resume=True
+    )
+    assert resumed.step == 3
+    resumed.fit()
+
+    (w1, e1, o1), (w2, e2, o2) = trainer_state(full), trainer_state(resumed)
+    for k in w1:
+        assert torch.equal(w1[k], w2[k]), k
+    for k in e1:
+        assert torch.equal(e1[k], e2[k]), k
+    for i in o1:
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(o1[i][k], o2[i][k])
+    # The uninterrupted run changed the weights and kept a log.
+    assert not torch.equal(w1["0.weight"], tiny_model().state_dict()["0.weight"])
+    lines = (tmp_path / "full" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 7))
+
+
+def test_out_dir_is_never_reused_silently(tmp_path):
+    Trainer(tiny_model(), mse_loss, tiny_dataset(), make_cfg(tmp_path, steps=1)).fit()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(tiny_model(), mse_loss, tiny_dataset(), make_cfg(tmp_path, steps=1))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(tiny_model(), mse_loss, tiny_dataset(), make_cfg(tmp_path / "new"), resume=True)
+
+
+def test_accumulation_equals_one_big_batch(tmp_path):
+    runs = []
+    for accum in (1, 4):
+        t = Trainer(
+            tiny_model(),
+            mse_loss,
+            tiny_dataset(),
+            make_cfg(tmp_path / str(accum), grad_accum=accum, ema_decay=None, steps=3),
+        )
+        t.fit()
+        runs.append(t.model.state_dict())
+    for k in runs[0]:
+        torch.testing.assert_close(runs[0][k], runs[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_batches_cover_each_epoch_once(tmp_path):
+    seen = []
+
+    def record(model, batch, step):
+        seen.append(batch[0][:, 0, 0, 0].clone())
+        return mse_loss(model, batch, step)
+
+    data = tiny_dataset(n=20)
+    cfg = make_cfg(tmp_path, steps=5, batch_size=4, grad_accum=1, ema_decay=None)
+    Trainer(tiny_model(), record, data, cfg).fit()
+    first_epoch = torch.cat(seen).sort().values
+    assert torch.equal(first_epoch, data.tensors[0][:, 0, 0, 0].sort().values)
+
+
+def test_lr_schedule_closed_form(tmp_path):
+    t = Trainer(
+        tiny_model(), mse_loss, tiny_dataset(), make_cfg(tmp_path, steps=10, warmup_steps=4)
+    )
+    assert [t.lr_at(s) for s in range(4)] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
+    # cosine from lr at the end of warmup to min_lr_ratio * lr at the last step
+    for s in (4, 7, 10):
+        p = (s - 4) / 6
+        assert t.lr_at(s) == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))))
+    t.cfg = make_cfg(tmp_path, schedule="constant", warmup_steps=0)
+    assert t.lr_at(5) == 1e-2
+
+
+def test_image_callback_and_tensorboard(tmp_path):
+    cb = ImageCallback(2, lambda m: torch.linspace(-1, 1, 4 * 36).reshape(4, 1, 6, 6), name="grid")
+    cfg = make_cfg(tmp_path, steps=3, tensorboard=True)
+    Trainer(tiny_model(), mse_loss, tiny_dataset(), cfg, callbacks=[cb]).fit()
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
+        "grid_0000002.png",
+        "grid_0000003.png",
+    ]
+    assert any((tmp_path / "tb").iterdir())
+
+
+def test_batch_size_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="'train.batch_size': must be divisible"):
+        Trainer(tiny_model(), mse_loss, tiny_dataset(), make_cfg(tmp_path, batch_size=7))
+    with pytest.raises(ConfigError, match="'train.batch_size'.*fewer than one micro-batch"):
+        Trainer(tiny_model(), mse_loss, tiny_dataset(n=4), make_cfg(tmp_path, batch_size=16))
+    with pytest.raises(ConfigError, match="'lr': must be > 0"):
+        TrainConfig.from_dict({"lr": 0})
+
+
+@pytest.mark.parametrize("grad_accum", [2])
+def test_torchrun_two_processes_match_one_process(tmp_path, grad_accum):
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, str(worker), str(tmp_path / "ddp"), str(grad_accum)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = Trainer(
+        tiny_model(),
+        mse_loss,
+        tiny_dataset(),
+        make_cfg(
+            tmp_path / "single", steps=3, grad_accum=grad_accum, ckpt_every=100, warmup_steps=1
+        ),
+    )
+    single.fit()
+    ddp = load_file(str(latest_checkpoint(tmp_path / "ddp") / "model.safetensors"))
+    ema = load_file(str(latest_checkpoint(tmp_path / "ddp") / "ema.safetensors"))
+    assert not torch.equal(ddp["0.weight"], tiny_model().state_dict()["0.weight"])
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6)
+    for k, v in single.ema.items():
+        torch.testing.assert_close(ema[k], v, rtol=1e-5, atol=1e-6)
