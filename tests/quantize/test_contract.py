@@ -5,15 +5,28 @@ import json
 import pytest
 import torch
 
-from snce.quantize import QuantizerOutput, build_quantizer, nearest_code
-from snce.quantize.vq import VectorQuantizer
+from snce.quantize import (
+    FVQuantizer,
+    IBQuantizer,
+    LCQuantizer,
+    QuantizerOutput,
+    VectorQuantizer,
+    build_quantizer,
+    nearest_code,
+)
 
 DIM, K = 8, 64
 
 FACTORIES = {
     "vq-l2": lambda: VectorQuantizer(DIM, K),
     "vq-cosine": lambda: VectorQuantizer(DIM, K, metric="cosine"),
-    "vq-ema-kmeans": lambda: VectorQuantizer(DIM, K, ema_decay=0.8, kmeans_init=True, dead_code_threshold=0.5),
+    "vq-ema-kmeans": lambda: VectorQuantizer(
+        DIM, K, ema_decay=0.8, kmeans_init=True, dead_code_threshold=0.5
+    ),
+    "ibq": lambda: IBQuantizer(DIM, K),
+    "ibq-dense": lambda: IBQuantizer(DIM, K, chunked=False, beta_on="commitment"),
+    "fvq": lambda: FVQuantizer(DIM, K, bridge_width=16, bridge_heads=2),
+    "lc": lambda: LCQuantizer(DIM, torch.randn(K, 12)),
 }
 
 LAYOUTS = {"BDHW": (2, DIM, 3, 5), "BLD": (3, 7, DIM)}
@@ -35,7 +48,9 @@ def test_output_contract(name, layout):
     index_shape = z.shape[:1] + z.shape[2:] if layout == "BDHW" else z.shape[:2]
     assert out.indices.shape == index_shape and out.indices.dtype == torch.long
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
-    assert {"usage", "perplexity"} <= set(out.stats) and all(isinstance(v, float) for v in out.stats.values())
+    assert {"usage", "perplexity"} <= set(out.stats) and all(
+        isinstance(v, float) for v in out.stats.values()
+    )
     (out.quantized.square().sum() + out.loss).backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()
 
@@ -53,13 +68,18 @@ def test_eval_geometry_and_lookup(name, layout):
     # Brute force in q's own geometry gives q's indices.
     zf, cb = flat(z).double(), codebook.double()
     if q.metric == "cosine":
-        zf, cb = torch.nn.functional.normalize(zf, dim=-1), torch.nn.functional.normalize(cb, dim=-1)
+        zf, cb = (
+            torch.nn.functional.normalize(zf, dim=-1),
+            torch.nn.functional.normalize(cb, dim=-1),
+        )
     dist = {"l2": torch.cdist(zf, cb) ** 2, "cosine": 1 - zf @ cb.T, "dot": -zf @ cb.T}[q.metric]
     assert torch.equal(dist.argmin(1), out.indices.reshape(-1))
     assert torch.equal(nearest_code(flat(z), codebook, q.metric), out.indices.reshape(-1))
     # lookup(indices) is the quantized value, in the input's layout.
     torch.testing.assert_close(q.lookup(out.indices), out.quantized, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(flat(out.quantized), codebook[out.indices.reshape(-1)], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        flat(out.quantized), codebook[out.indices.reshape(-1)], rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("name", FACTORIES)

@@ -11,11 +11,20 @@ from snce.quantize.base import (
     codebook_usage,
     kmeans,
 )
+from snce.quantize.fvq import (
+    FVQuantizer,
+    VQBridge,
+    learning_annealing,
+    learning_annealing_scheduler,
+)
 from snce.quantize.ibq import IBQuantizer
+from snce.quantize.lc import LCQuantizer
 from snce.quantize.search import METRICS, code_blocks, nearest_code, nearest_codes
 from snce.quantize.vq import VectorQuantizer
 
-QUANTIZERS: dict[str, type[Quantizer]] = {cls.kind: cls for cls in (VectorQuantizer, IBQuantizer)}
+QUANTIZERS: dict[str, type[Quantizer]] = {
+    cls.kind: cls for cls in (VectorQuantizer, IBQuantizer, FVQuantizer, LCQuantizer)
+}
 
 
 def build_quantizer(config: dict) -> Quantizer:
@@ -33,17 +42,22 @@ def build_quantizer(config: dict) -> Quantizer:
 
 
 __all__ = [
+    "FVQuantizer",
     "IBQuantizer",
+    "LCQuantizer",
     "METRICS",
     "QUANTIZERS",
     "Quantizer",
     "QuantizerOutput",
     "UsageTracker",
+    "VQBridge",
     "VectorQuantizer",
     "build_quantizer",
     "code_blocks",
     "codebook_usage",
     "kmeans",
+    "learning_annealing",
+    "learning_annealing_scheduler",
     "nearest_code",
     "nearest_codes",
 ]

@@ -39,7 +39,9 @@ class QuantizerOutput:
 
 def codebook_usage(indices: torch.Tensor, codebook_size: int) -> tuple[float, float]:
     """Usage of any index tensor: (fraction of the K codes that occur, perplexity exp(H(counts / N)))."""
-    if not (torch.is_tensor(indices) and not indices.is_floating_point() and not indices.is_complex()):
+    if not (
+        torch.is_tensor(indices) and not indices.is_floating_point() and not indices.is_complex()
+    ):
         raise TypeError(f"indices must be an integer tensor, got {_describe(indices)}")
     check_positive_int(codebook_size, "codebook_size")
     flat = indices.reshape(-1)
@@ -105,7 +107,9 @@ class Quantizer(nn.Module):
 
     kind: str = ""
 
-    def __init__(self, dim: int, codebook_size: int, metric: str, *, config: dict, usage_window: int = 100):
+    def __init__(
+        self, dim: int, codebook_size: int, metric: str, *, config: dict, usage_window: int = 100
+    ):
         super().__init__()
         check_positive_int(dim, "dim")
         check_positive_int(codebook_size, "codebook_size")
@@ -145,7 +149,11 @@ class Quantizer(nn.Module):
 
         In eval mode ``lookup(out.indices)`` equals ``out.quantized`` (same layout as the input was).
         """
-        if not (torch.is_tensor(indices) and not indices.is_floating_point() and not indices.is_complex()):
+        if not (
+            torch.is_tensor(indices)
+            and not indices.is_floating_point()
+            and not indices.is_complex()
+        ):
             raise TypeError(f"indices must be an integer tensor, got {_describe(indices)}")
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
             raise ValueError(
@@ -176,7 +184,9 @@ class Quantizer(nn.Module):
                 return x.reshape(b, length, d)
 
         else:
-            raise ValueError(f"latents must be (B, D, H, W) or (B, L, D), got shape {tuple(z.shape)}")
+            raise ValueError(
+                f"latents must be (B, D, H, W) or (B, L, D), got shape {tuple(z.shape)}"
+            )
         if d != self.dim:
             layout = "(B, D, H, W): D is dim 1" if z.dim() == 4 else "(B, L, D): D is the last dim"
             raise ValueError(
@@ -189,6 +199,26 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, codebook_size={self.codebook_size}, metric={self.metric!r}"
+
+
+def assign(z: torch.Tensor, codes: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest codes of z (N, D) among codes (K, D): (codes[k*] (N, D) in z's dtype, k* (N,)).
+
+    The exact chunked search picks k*; the lookup keeps the graph to ``codes``, so a loss on the result
+    reaches only the selected codes.
+    """
+    indices = nearest_code(z.detach(), codes.detach(), metric)
+    return F.embedding(indices, codes).to(z.dtype), indices
+
+
+def straight_through(z: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+    """z + sg(zq - z): the value of zq, the gradient of the identity to z."""
+    return z + (zq - z).detach()
+
+
+def vq_losses(z: torch.Tensor, zq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(commitment mean((sg(zq) - z)^2), codebook loss mean((zq - sg(z))^2))."""
+    return F.mse_loss(z, zq.detach()), F.mse_loss(zq, z.detach())
 
 
 @torch.no_grad()
@@ -204,7 +234,11 @@ def kmeans(
     check_metric(metric)
     x = to_search_space(x, metric)
     n = x.shape[0]
-    pick = torch.randperm(n, device=x.device)[:k] if n >= k else torch.randint(0, n, (k,), device=x.device)
+    pick = (
+        torch.randperm(n, device=x.device)[:k]
+        if n >= k
+        else torch.randint(0, n, (k,), device=x.device)
+    )
     centres = x[pick]
     sizes = torch.zeros(k, device=x.device)
     for _ in range(iters):
@@ -225,7 +259,12 @@ def check_positive_int(value, name: str) -> int:
 
 
 def check_nonnegative(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 

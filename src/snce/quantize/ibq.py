@@ -92,7 +92,11 @@ class IBQuantizer(Quantizer):
         E = self.embed
         if self.chunked:
             _, indices, lse = nearest_codes(
-                z.detach().float(), E.detach().float(), "dot", 1, logsumexp_tau=1.0,
+                z.detach().float(),
+                E.detach().float(),
+                "dot",
+                1,
+                logsumexp_tau=1.0,
                 max_block_bytes=self.max_block_bytes,
             )
             indices = indices[:, 0]
@@ -114,17 +118,26 @@ class IBQuantizer(Quantizer):
         }
         if self.entropy_weight > 0:
             if self.chunked:
-                sample_h, batch_h = EntropyTerms.apply(z, E, self.entropy_temperature, self.max_block_bytes)
+                sample_h, batch_h = EntropyTerms.apply(
+                    z, E, self.entropy_temperature, self.max_block_bytes
+                )
             else:
-                sample_h, batch_h = dense_entropy_terms(z.float() @ E.float().T, self.entropy_temperature)
+                sample_h, batch_h = dense_entropy_terms(
+                    z.float() @ E.float().T, self.entropy_temperature
+                )
             loss = loss + self.entropy_weight * (sample_h - batch_h)
-            stats["sample_entropy"], stats["batch_entropy"] = float(sample_h.detach()), float(batch_h.detach())
+            stats["sample_entropy"], stats["batch_entropy"] = (
+                float(sample_h.detach()),
+                float(batch_h.detach()),
+            )
         norms = E.detach().norm(dim=1)
         stats["code_norm_mean"], stats["code_norm_max"] = float(norms.mean()), float(norms.max())
         return zq, indices, loss, stats
 
 
-def dense_index_backprop(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_index_backprop(
+    z: torch.Tensor, codebook: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference IBQ straight-through as released: (N, D), (K, D) -> z_q (N, D), indices (N,).
 
     Holds the (N, K) logits, softmax and one-hot (float32).
@@ -136,7 +149,9 @@ def dense_index_backprop(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch
     return (hard - p.detach() + p) @ codebook.float(), indices
 
 
-def dense_entropy_terms(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_entropy_terms(
+    logits: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference entropy terms of softmax(logits / T), logits (N, K) -> (mean_i H(p_i), H(mean_i p_i))."""
     log_p = (logits / temperature).log_softmax(dim=-1)
     p = log_p.exp()
@@ -165,7 +180,7 @@ class IndexBackprop(torch.autograd.Function):
         z, codebook, indices, lse = ctx.saved_tensors
         g, E, zf = grad.float(), codebook.float(), z.float()
         c = torch.zeros_like(lse)
-        for rows, codes, p, g_dot_e in _soft_blocks(zf, E, lse, 1.0, g, ctx.max_block_bytes):
+        for rows, _, p, g_dot_e in _soft_blocks(zf, E, lse, 1.0, g, ctx.max_block_bytes):
             c[rows] += (p * g_dot_e).sum(dim=1)
         dz = torch.zeros_like(zf)
         dE = torch.zeros_like(E).index_add_(0, indices, g)  # the one-hot path: selected codes only
@@ -187,7 +202,9 @@ class EntropyTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, codebook, temperature, max_block_bytes):
         zf, E = z.detach().float(), codebook.detach().float()
-        lse = nearest_codes(zf, E, "dot", 1, logsumexp_tau=temperature, max_block_bytes=max_block_bytes)[2]
+        lse = nearest_codes(
+            zf, E, "dot", 1, logsumexp_tau=temperature, max_block_bytes=max_block_bytes
+        )[2]
         entropy = torch.zeros_like(lse)
         p_bar = torch.zeros(E.shape[0], device=E.device)
         for rows, codes, p, log_p in _prob_blocks(zf, E, lse, 1.0 / temperature, max_block_bytes):

@@ -20,8 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from snce.quantize.base import Quantizer, check_nonnegative, check_positive_int, kmeans
-from snce.quantize.search import nearest_code
+from snce.quantize.base import (
+    Quantizer,
+    assign,
+    check_nonnegative,
+    check_positive_int,
+    kmeans,
+    straight_through,
+    vq_losses,
+)
 
 
 class VectorQuantizer(Quantizer):
@@ -73,7 +80,9 @@ class VectorQuantizer(Quantizer):
         super().__init__(dim, codebook_size, metric, config=config, usage_window=usage_window)
         if metric not in ("l2", "cosine"):
             raise ValueError(f"metric must be 'l2' or 'cosine' for VectorQuantizer, got {metric!r}")
-        if ema_decay is not None and not (isinstance(ema_decay, (int, float)) and 0 <= ema_decay < 1):
+        if ema_decay is not None and not (
+            isinstance(ema_decay, (int, float)) and 0 <= ema_decay < 1
+        ):
             raise ValueError(f"ema_decay must be None or a number in [0, 1), got {ema_decay!r}")
         self.beta = check_nonnegative(beta, "beta")
         self.eps = check_nonnegative(eps, "eps")
@@ -90,7 +99,9 @@ class VectorQuantizer(Quantizer):
             self.embed = nn.Parameter(embed)
         else:
             self.register_buffer("embed", embed)
-            self.register_buffer("embed_avg", embed.clone())  # m_k, with a pseudo-count of 1 per code
+            self.register_buffer(
+                "embed_avg", embed.clone()
+            )  # m_k, with a pseudo-count of 1 per code
         self.register_buffer("cluster_size", torch.ones(codebook_size))  # n_k
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
 
@@ -102,25 +113,23 @@ class VectorQuantizer(Quantizer):
         zs = F.normalize(z, dim=-1) if self.metric == "cosine" else z  # the space codes live in
         if not bool(self.initialized):
             self.init_codebook(zs)
-        codes = self.codebook
-        indices = nearest_code(zs.detach(), codes.detach(), self.metric)
-        zq = F.embedding(indices, codes).to(z.dtype)  # gradient reaches only the selected codes
-
-        commitment = F.mse_loss(zs, zq.detach())
+        zq, indices = assign(zs, self.codebook, self.metric)
+        commitment, codebook_loss = vq_losses(zs, zq)
         loss = self.beta * commitment
         stats = {"commitment": float(commitment.detach())}
         if self.ema_decay is None:
-            codebook_loss = F.mse_loss(zq, zs.detach())
             loss = loss + codebook_loss
             stats["codebook_loss"] = float(codebook_loss.detach())
         if self.training:
             self._update_codebook(zs.detach().float(), indices)
-        return zs + (zq - zs).detach(), indices, loss, stats
+        return straight_through(zs, zq), indices, loss, stats
 
     @torch.no_grad()
     def init_codebook(self, z: torch.Tensor) -> None:
         """k-means initialisation from a batch of latents z (N, D) (already in the codes' space)."""
-        centres, sizes = kmeans(z.detach().float(), self.codebook_size, iters=self.kmeans_iters, metric=self.metric)
+        centres, sizes = kmeans(
+            z.detach().float(), self.codebook_size, iters=self.kmeans_iters, metric=self.metric
+        )
         self.cluster_size.copy_(sizes)
         if self.ema_decay is None:
             self.embed.copy_(centres)
@@ -151,7 +160,9 @@ class VectorQuantizer(Quantizer):
         dead = (self.cluster_size < self.dead_code_threshold).nonzero().squeeze(1)
         if dead.numel() == 0:
             return
-        dead = dead[torch.randperm(dead.numel(), device=dead.device)[: z.shape[0]]]  # at most one per latent
+        dead = dead[
+            torch.randperm(dead.numel(), device=dead.device)[: z.shape[0]]
+        ]  # at most one per latent
         samples = z[torch.randperm(z.shape[0], device=z.device)[: dead.numel()]]
         self.embed.data[dead] = samples.to(self.embed.dtype)
         self.cluster_size[dead] = self.dead_code_threshold
