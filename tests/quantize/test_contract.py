@@ -10,6 +10,7 @@ from snce.quantize import (
     IBQuantizer,
     LCQuantizer,
     QuantizerOutput,
+    RegularizedQuantizer,
     VectorQuantizer,
     build_quantizer,
     nearest_code,
@@ -27,6 +28,10 @@ FACTORIES = {
     "ibq-dense": lambda: IBQuantizer(DIM, K, chunked=False, beta_on="commitment"),
     "fvq": lambda: FVQuantizer(DIM, K, bridge_width=16, bridge_heads=2),
     "lc": lambda: LCQuantizer(DIM, torch.randn(K, 12)),
+    "regvq": lambda: RegularizedQuantizer(DIM, K, contrastive_weight=0.0),
+    "regvq-cosine": lambda: RegularizedQuantizer(
+        DIM, K, metric="cosine", contrastive_weight=0.0, tau=0.1
+    ),
 }
 
 LAYOUTS = {"BDHW": (2, DIM, 3, 5), "BLD": (3, 7, DIM)}

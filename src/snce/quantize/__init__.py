@@ -19,11 +19,13 @@ from snce.quantize.fvq import (
 )
 from snce.quantize.ibq import IBQuantizer
 from snce.quantize.lc import LCQuantizer
+from snce.quantize.regvq import RegularizedQuantizer
 from snce.quantize.search import METRICS, code_blocks, nearest_code, nearest_codes
 from snce.quantize.vq import VectorQuantizer
 
 QUANTIZERS: dict[str, type[Quantizer]] = {
-    cls.kind: cls for cls in (VectorQuantizer, IBQuantizer, FVQuantizer, LCQuantizer)
+    cls.kind: cls
+    for cls in (VectorQuantizer, IBQuantizer, FVQuantizer, LCQuantizer, RegularizedQuantizer)
 }
 
 
@@ -49,6 +51,7 @@ __all__ = [
     "QUANTIZERS",
     "Quantizer",
     "QuantizerOutput",
+    "RegularizedQuantizer",
     "UsageTracker",
     "VQBridge",
     "VectorQuantizer",
