@@ -1,0 +1,25 @@
+"""Built-in image datasets, image folders and token shards."""
+
+from snce.data.images import (
+    DataConfig,
+    Digits,
+    ImageFolder,
+    Photos,
+    Shapes,
+    build_dataset,
+    photo_files,
+)
+from snce.data.shards import ShardManifest, ShardWriter, TokenShards
+
+__all__ = [
+    "DataConfig",
+    "Digits",
+    "ImageFolder",
+    "Photos",
+    "ShardManifest",
+    "ShardWriter",
+    "Shapes",
+    "TokenShards",
+    "build_dataset",
+    "photo_files",
+]

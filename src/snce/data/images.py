@@ -1,0 +1,366 @@
+"""Built-in image datasets (no downloads) and ImageFolder loading with Pillow.
+
+Every dataset yields ``(image, label)``: image (C, H, W) float32 in [-1, 1], label an int. Each exposes
+``num_classes``, ``class_names``, ``channels`` and ``size``. All are deterministic functions of their
+arguments (sample ``i`` never depends on which other samples were read).
+
+- :class:`Digits`: scikit-learn's 1,797 real 8x8 handwritten digits (10 classes), upsampled to ``size``.
+- :class:`Photos`: crops (random position and scale, random horizontal flip; fixed per index) of the real
+  photographs shipped inside scikit-image, scikit-learn and matplotlib, labelled by source photo.
+- :class:`Shapes`: procedural images: class = shape x colour, random position, scale and background.
+- :class:`ImageFolder`: ``root/<class>/*.png`` (class per subfolder) or ``root/*.png`` (one class).
+
+Splits: ``"train"`` / ``"test"`` / ``"all"``. Digits and folders hold out every ``TEST_EVERY``-th item;
+Photos and Shapes draw the test split from a separate random stream.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from snce.config import Config, ConfigError
+
+SPLITS = ("train", "test", "all")
+TEST_EVERY = (
+    6  # digits / folders: items i with i % TEST_EVERY == TEST_EVERY - 1 form the test split
+)
+TEST_STREAM = (
+    1_000_003  # photos / shapes: the test split's samples come from this offset of the stream
+)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class DataConfig(Config):
+    """Which images to train on (the ``data:`` section of a run config)."""
+
+    name: Literal["digits", "photos", "shapes", "folder"] = "digits"
+    path: str | None = None  # an image folder; setting it selects the folder dataset
+    size: int = 16  # output resolution (square), pixels
+    channels: int | None = None  # 1 or 3; null = the dataset's own (digits 1, others 3)
+    num_samples: int = 4096  # photos / shapes: samples per split
+    seed: int = 0  # photos / shapes: the random stream
+
+    @property
+    def kind(self) -> str:
+        return "folder" if self.path is not None else self.name
+
+    def check(self) -> None:
+        if self.kind == "folder":
+            if self.path is None:
+                raise ConfigError("path", "is required for name 'folder' (a directory of images)")
+            if not Path(self.path).is_dir():
+                raise ConfigError(
+                    "path", f"expected an existing directory of images, got {self.path!r}"
+                )
+        if self.size < 4:
+            raise ConfigError("size", f"must be >= 4 pixels, got {self.size}")
+        if self.channels not in (None, 1, 3):
+            raise ConfigError("channels", f"expected 1, 3 or null, got {self.channels}")
+        if self.num_samples < 1:
+            raise ConfigError("num_samples", f"must be >= 1, got {self.num_samples}")
+
+
+def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
+    """The dataset a :class:`DataConfig` names."""
+    kind = cfg.kind
+    if kind == "digits":
+        return Digits(cfg.size, split=split, channels=cfg.channels or 1)
+    if kind == "photos":
+        return Photos(
+            cfg.size, cfg.num_samples, seed=cfg.seed, split=split, channels=cfg.channels or 3
+        )
+    if kind == "shapes":
+        return Shapes(
+            cfg.size, cfg.num_samples, seed=cfg.seed, split=split, channels=cfg.channels or 3
+        )
+    return ImageFolder(cfg.path, cfg.size, split=split, channels=cfg.channels or 3)
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return split
+
+
+def _held_out(n: int, split: str) -> np.ndarray:
+    """Item positions of ``split`` among n items (every TEST_EVERY-th item is a test item)."""
+    idx = np.arange(n)
+    if split == "all":
+        return idx
+    test = idx % TEST_EVERY == TEST_EVERY - 1
+    return idx[test] if split == "test" else idx[~test]
+
+
+def _to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """(C, H, W) with C in {1, 3} -> ``channels`` channels (grey by ITU-R 601 luma, or replicated)."""
+    if x.shape[0] == channels:
+        return x
+    if channels == 1:
+        return (x * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
+    return x.expand(3, -1, -1).clone()
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float32 in [-1, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def center_square(img: Image.Image, size: int) -> Image.Image:
+    """Centre crop to a square, then resize to ``size`` x ``size`` (bicubic, antialiased)."""
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return img.crop((left, top, left + s, top + s)).resize(
+        (size, size), Image.BICUBIC, reducing_gap=3.0
+    )
+
+
+class Digits(Dataset):
+    """scikit-learn's handwritten digits (1,797 real 8x8 scans, 10 classes), bilinearly resized to ``size``."""
+
+    def __init__(self, size: int = 16, *, split: str = "train", channels: int = 1):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        keep = _held_out(len(digits.target), _check_split(split))
+        x = torch.from_numpy(digits.images[keep]).float()[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
+        if size != 8:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        self.images = (x.clamp(0, 1) * 2 - 1).contiguous()
+        if channels == 3:
+            self.images = self.images.expand(-1, 3, -1, -1).contiguous()
+        self.labels = torch.from_numpy(digits.target[keep]).long()
+        self.num_classes, self.class_names = 10, [str(i) for i in range(10)]
+        self.channels, self.size = channels, size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def photo_files() -> dict[str, Path]:
+    """The colour photographs shipped inside installed packages: name -> file."""
+    import matplotlib
+    import skimage
+    import sklearn
+
+    skd = Path(skimage.__file__).parent / "data"
+    files = {
+        name: skd / f
+        for name, f in [
+            ("astronaut", "astronaut.png"),
+            ("chelsea", "chelsea.png"),
+            ("coffee", "coffee.png"),
+            ("rocket", "rocket.jpg"),
+            ("motorcycle", "motorcycle_left.png"),
+            ("hubble", "hubble_deep_field.jpg"),
+            ("ihc", "ihc.png"),
+            ("retina", "retina.jpg"),
+        ]
+    }
+    files["china"] = Path(sklearn.__file__).parent / "datasets" / "images" / "china.jpg"
+    files["flower"] = Path(sklearn.__file__).parent / "datasets" / "images" / "flower.jpg"
+    files["grace_hopper"] = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    return {name: path for name, path in files.items() if path.is_file()}
+
+
+class Photos(Dataset):
+    """Square crops of real photographs, labelled by source photo.
+
+    Sample i: photo ``i mod P``; crop side uniform in ``scale`` x (the photo's shorter side), uniform
+    position, horizontal flip with probability 1/2, resized to ``size``. Drawn from
+    ``numpy.random.default_rng([seed, stream + i])``, so each sample is fixed by (seed, split, i).
+    """
+
+    def __init__(
+        self,
+        size: int = 32,
+        num_samples: int = 4096,
+        *,
+        seed: int = 0,
+        split: str = "train",
+        channels: int = 3,
+        scale: tuple[float, float] = (0.1, 0.5),
+    ):
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
+        files = photo_files()
+        if not files:
+            raise FileNotFoundError(
+                "no bundled photographs found (scikit-image / scikit-learn missing?)"
+            )
+        self.class_names = list(files)
+        self.photos = [Image.open(p).convert("RGB") for p in files.values()]
+        self.num_classes, self.channels, self.size = len(self.photos), channels, size
+        self.num_samples, self.seed, self.scale = num_samples, seed, scale
+        self.stream = TEST_STREAM if _check_split(split) == "test" else 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, self.stream + i])
+        label = i % len(self.photos)
+        photo = self.photos[label]
+        w, h = photo.size
+        side = max(1, round(rng.uniform(*self.scale) * min(w, h)))
+        left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        crop = photo.crop((left, top, left + side, top + side))
+        crop = crop.resize((self.size, self.size), Image.BICUBIC, reducing_gap=3.0)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        return _to_channels(pil_to_tensor(crop), self.channels), label
+
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLOURS = {
+    "red": (0.9, 0.15, 0.1),
+    "green": (0.1, 0.8, 0.2),
+    "blue": (0.15, 0.3, 0.95),
+    "yellow": (0.95, 0.85, 0.1),
+}
+
+
+class Shapes(Dataset):
+    """Procedural class-conditional images: class ``s * 4 + c`` is shape ``SHAPES[s]`` in colour ``c``.
+
+    Each sample draws a centre, a radius (15-35% of the side), a colour jitter and a grey background from
+    ``numpy.random.default_rng([seed, stream + i])``; edges are antialiased by 4x supersampling.
+    """
+
+    def __init__(
+        self,
+        size: int = 32,
+        num_samples: int = 4096,
+        *,
+        seed: int = 0,
+        split: str = "train",
+        channels: int = 3,
+    ):
+        self.class_names = [f"{c} {s}" for s in SHAPES for c in COLOURS]
+        self.num_classes, self.channels, self.size = len(self.class_names), channels, size
+        self.num_samples, self.seed = num_samples, seed
+        self.stream = TEST_STREAM if _check_split(split) == "test" else 0
+        n = 4 * size
+        coords = (np.arange(n) + 0.5) / n * 2 - 1  # supersampled pixel centres in [-1, 1]
+        self.yy, self.xx = np.meshgrid(coords, coords, indexing="ij")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def mask(self, shape: str, cx: float, cy: float, r: float) -> np.ndarray:
+        """Coverage (size, size) in [0, 1] of ``shape`` centred at (cx, cy) with radius r (units of half-side)."""
+        x, y = self.xx - cx, self.yy - cy
+        if shape == "circle":
+            inside = x * x + y * y <= r * r
+        elif shape == "square":
+            inside = (np.abs(x) <= r * 0.85) & (np.abs(y) <= r * 0.85)
+        elif shape == "diamond":
+            inside = np.abs(x) + np.abs(y) <= r
+        else:  # upward triangle with its centroid at the centre
+            inside = (y <= r * 0.5) & (y >= 2 * np.abs(x) * math.sqrt(3) / 2 - r)
+        return inside.reshape(self.size, 4, self.size, 4).mean(axis=(1, 3))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, self.stream + i])
+        label = int(rng.integers(self.num_classes))
+        shape, colour = SHAPES[label // len(COLOURS)], list(COLOURS.values())[label % len(COLOURS)]
+        r = rng.uniform(0.3, 0.7)
+        cx, cy = rng.uniform(-1 + r, 1 - r, size=2)
+        cover = self.mask(shape, cx, cy, r)[None]  # (1, S, S)
+        rgb = np.clip(np.array(colour) + rng.normal(0, 0.05, 3), 0, 1)[:, None, None]
+        background = rng.uniform(0.0, 0.35)
+        img = cover * rgb + (1 - cover) * background  # (3, S, S) in [0, 1]
+        x = torch.from_numpy(img.astype(np.float32)) * 2 - 1
+        return _to_channels(x, self.channels), label
+
+
+class ImageFolder(Dataset):
+    """Images under ``root``: one class per subfolder (sorted names), or all files in ``root`` as one class.
+
+    Files are checked once when the dataset is built (``PIL.Image.verify``): unreadable or corrupt files
+    are reported in one warning and skipped. A file that still fails to decode later is reported once and
+    replaced by the next readable item. Images are centre-cropped to a square and resized to ``size``.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, size: int = 32, *, split: str = "all", channels: int = 3
+    ):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {str(root)!r} does not exist")
+        subdirs = sorted(d for d in root.iterdir() if d.is_dir() and _image_files(d))
+        if subdirs:
+            self.class_names = [d.name for d in subdirs]
+            candidates = [(f, c) for c, d in enumerate(subdirs) for f in _image_files(d)]
+        else:
+            self.class_names = [root.name]
+            candidates = [(f, 0) for f in _image_files(root)]
+        readable, bad = [], []
+        for f, c in candidates:
+            (readable if _verifies(f) else bad).append((f, c))
+        if bad:
+            names = ", ".join(str(f) for f, _ in bad[:10]) + (" ..." if len(bad) > 10 else "")
+            warnings.warn(
+                f"skipping {len(bad)} unreadable image file(s) in {root}: {names}", stacklevel=2
+            )
+        if not readable:
+            raise ValueError(
+                f"image folder {str(root)!r} holds no readable images "
+                f"(looked for {', '.join(IMAGE_EXTENSIONS)} in it and its subfolders)"
+            )
+        keep = _held_out(len(readable), _check_split(split))
+        self.items = [readable[i] for i in keep]
+        self.skipped = [f for f, _ in bad]
+        self.num_classes, self.channels, self.size = len(self.class_names), channels, size
+        self._reported: set[Path] = set()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        for j in range(len(self.items)):
+            path, label = self.items[(i + j) % len(self.items)]
+            try:
+                with Image.open(path) as img:
+                    x = pil_to_tensor(center_square(img.convert("RGB"), self.size))
+                return _to_channels(x, self.channels), label
+            except (OSError, UnidentifiedImageError, ValueError) as e:
+                if path not in self._reported:
+                    self._reported.add(path)
+                    warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=2)
+        raise ValueError(f"none of the {len(self.items)} images could be decoded")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _verifies(path: Path) -> bool:
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except Exception:  # Pillow raises many types for corrupt data
+        return False

@@ -1,0 +1,126 @@
+"""Built-in datasets and ImageFolder: sizes, ranges, determinism, class semantics, corrupt files."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from snce.config import ConfigError, load_config
+from snce.data import DataConfig, Digits, ImageFolder, Photos, Shapes, build_dataset
+from snce.data.images import COLOURS, SHAPES
+
+
+def test_digits_are_the_sklearn_digits():
+    from sklearn.datasets import load_digits
+
+    ref = load_digits()
+    train, test, full = Digits(8, split="train"), Digits(8, split="test"), Digits(8, split="all")
+    assert len(full) == 1797 and len(train) + len(test) == 1797
+    # At 8 px the images are the raw scans, rescaled from [0, 16] to [-1, 1].
+    x, y = full[5]
+    assert (
+        torch.allclose(x[0], torch.from_numpy(ref.images[5]).float() / 8 - 1) and y == ref.target[5]
+    )
+    big = Digits(32, split="all", channels=3)
+    assert big[5][0].shape == (3, 32, 32) and big.images.min() >= -1 and big.images.max() <= 1
+    # Bilinear upsampling keeps the mean brightness of each digit (up to edge effects).
+    assert abs(float(big[5][0].mean()) - float(x.mean())) < 0.05
+    assert set(train.labels.tolist()) == set(range(10))
+
+
+def test_photos_deterministic_and_labelled_by_source():
+    a, b = Photos(16, 30, seed=3), Photos(16, 30, seed=3)
+    assert a.num_classes >= 8
+    for i in (0, 7, 29):
+        xa, ya = a[i]
+        assert torch.equal(xa, b[i][0]) and ya == i % a.num_classes
+        assert xa.shape == (3, 16, 16) and -1 <= xa.min() and xa.max() <= 1
+    assert not torch.equal(a[0][0], Photos(16, 30, seed=3, split="test")[0][0])
+    grey = Photos(16, 30, seed=3, channels=1)[7][0]
+    torch.testing.assert_close(
+        grey[0], 0.299 * a[7][0][0] + 0.587 * a[7][0][1] + 0.114 * a[7][0][2]
+    )
+
+
+def test_shapes_class_is_shape_and_colour():
+    ds = Shapes(32, 64, seed=1)
+    assert ds.num_classes == len(SHAPES) * len(COLOURS)
+    colours = torch.tensor(list(COLOURS.values())) * 2 - 1  # (4, 3) in [-1, 1]
+    for i in range(64):
+        x, label = ds[i]
+        assert torch.equal(x, Shapes(32, 64, seed=1)[i][0])
+        # The most saturated pixel carries the class colour (nearest palette entry).
+        sat = x.max(0).values - x.min(0).values
+        pix = x.reshape(3, -1)[:, sat.argmax()]
+        assert int(((colours - pix) ** 2).sum(1).argmin()) == label % len(COLOURS)
+    # Coverage areas (in units of the half-side squared) match the closed forms for radius r.
+    r = 0.9
+    area = {s: ds.mask(s, 0.0, 0.0, r).sum() / (ds.size / 2) ** 2 for s in SHAPES}
+    assert area["circle"] == pytest.approx(np.pi * r**2, rel=0.02)
+    assert area["diamond"] == pytest.approx(2 * r**2, rel=0.02)
+    assert area["square"] == pytest.approx((1.7 * r) ** 2, rel=0.02)
+    assert area["triangle"] == pytest.approx(3 * np.sqrt(3) / 4 * r**2, rel=0.02)
+
+
+def _png(path, colour, size=(20, 12)):
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_image_folder_classes_and_corrupt_files(tmp_path):
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "dogs").mkdir()
+    for i in range(3):
+        _png(tmp_path / "cats" / f"{i}.png", (255, 0, 0))
+        _png(tmp_path / "dogs" / f"{i}.jpg", (0, 0, 255))
+    (tmp_path / "dogs" / "broken.png").write_bytes(b"not an image at all")
+    good = (tmp_path / "cats" / "0.png").read_bytes()
+    (tmp_path / "cats" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "notes.txt").write_text("ignored")
+    with pytest.warns(UserWarning, match="skipping 2 unreadable") as record:
+        ds = ImageFolder(tmp_path, size=8)
+    assert len(record) == 1 and "broken.png" in str(record[0].message)
+    assert ds.class_names == ["cats", "dogs"] and len(ds) == 6
+    assert sorted(p.name for p in ds.skipped) == ["broken.png", "truncated.png"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        items = [ds[i] for i in range(len(ds))]
+    assert [y for _, y in items] == [0, 0, 0, 1, 1, 1]
+    assert torch.allclose(items[0][0][:, 4, 4], torch.tensor([1.0, -1.0, -1.0]))
+    assert items[0][0].shape == (3, 8, 8)
+
+
+def test_image_folder_unlabelled_and_empty(tmp_path):
+    for i in range(4):
+        _png(tmp_path / f"{i}.png", (i * 60, 0, 0))
+    ds = ImageFolder(tmp_path, size=4, channels=1)
+    assert ds.num_classes == 1 and len(ds) == 4 and ds[0][0].shape == (1, 4, 4)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no readable images"):
+        ImageFolder(empty)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolder(tmp_path / "missing")
+
+
+def test_data_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="'data.path': expected an existing directory"):
+        load_config(_Run, None, [f"data.path={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match="'data.path': is required"):
+        load_config(_Run, None, ["data.name=folder"])
+    _png(tmp_path / "a.png", (0, 0, 0))
+    cfg = load_config(_Run, None, [f"data.path={tmp_path}", "data.size=8"])
+    assert isinstance(build_dataset(cfg.data, split="all"), ImageFolder)
+
+
+from dataclasses import dataclass, field  # noqa: E402
+
+from snce.config import Config  # noqa: E402
+
+
+@dataclass
+class _Run(Config):
+    data: DataConfig = field(default_factory=DataConfig)
