@@ -13,7 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from snce.losses.kernels.tiles import PRECISIONS, code_splits, code_terms, dot_block, row_scales, teacher_tile
+from snce.losses.kernels import interpreting
+from snce.losses.kernels.tiles import (
+    PRECISIONS,
+    code_splits,
+    code_terms,
+    dot_block,
+    row_scales,
+    teacher_tile,
+)
 from snce.quantize.search import _stable_topk, check_search_inputs, scores_to_distances
 
 
@@ -91,6 +99,8 @@ def nearest_codes_triton(
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if z.device != codebook.device:
         raise ValueError(f"latents and codebook must be on one device, got {z.device} and {codebook.device}")
+    if not (z.is_cuda or interpreting()):
+        raise ValueError(f"the Triton search needs CUDA tensors (or TRITON_INTERPRET=1), got {z.device}")
     n, d = z.shape
     n_codes = codebook.shape[0]
     terms = code_terms(codebook, metric)

@@ -1,0 +1,58 @@
+"""Triton kernels for SNCE: the fused linear loss (forward + backward) and the nearest-code search.
+
+Nothing here imports Triton until a kernel is asked for, so ``import snce`` works on machines without Triton
+or a GPU. The kernels run on CUDA tensors; on CPU tensors only under ``TRITON_INTERPRET=1`` (set before the
+first kernel use; slow, for tests at tiny shapes).
+
+    from snce.losses import kernels
+    if kernels.supports(hidden, head_weight, codebook, topk=topk, table=table):
+        loss = kernels.fused_linear_snce_loss_triton(hidden, head_weight, target, codebook=codebook, tau=tau)
+    dist, idx = kernels.nearest_codes_triton(z, codebook, "l2", k=8)
+
+Kernel modules: :mod:`.linear_snce` (loss), :mod:`.search` (nearest codes), :mod:`.tiles` (shared tiles).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LAZY = {
+    "fused_linear_snce_loss_triton": "linear_snce",
+    "KernelConfig": "linear_snce",
+    "LinearSNCEFunction": "linear_snce",
+    "nearest_codes_triton": "search",
+}
+__all__ = ["KERNEL_DTYPES", "interpreting", "supports", "triton_available", *_LAZY]
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package is installed (it is not imported here)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1``: kernels run on CPU tensors through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def supports(hidden: torch.Tensor, *tensors: torch.Tensor | None, topk=None, table=None) -> bool:
+    """Whether ``impl="auto"`` should take the Triton path: Triton installed, CUDA tensors, a kernel dtype
+    (float32 / bfloat16 / float16 hidden) and no ``topk`` / ``table`` (those stay on the torch path)."""
+    on_cuda = all(t.is_cuda for t in (hidden, *tensors) if t is not None)
+    return (
+        topk is None and table is None and on_cuda and hidden.dtype in KERNEL_DTYPES and triton_available()
+    )
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if not triton_available():
+        raise ImportError(f"snce.losses.kernels.{name} needs Triton: pip install triton (or use impl='torch')")
+    module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
+    return getattr(module, name)
