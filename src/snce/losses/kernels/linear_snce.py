@@ -34,6 +34,7 @@ from snce.losses.kernels.tiles import (
     code_terms,
     dot_block,
     row_scales,
+    student_precision,
     student_tile,
     teacher_tile,
 )
@@ -91,7 +92,8 @@ def _linear_snce_fwd_kernel(
     x_ptr, w_ptr, b_ptr, z_ptr, e_ptr, target_ptr, row_scale_ptr, code_term_ptr,
     lse_l_ptr, lse_t_ptr, qdotl_ptr,
     N, K, H, D, inv_tau, ignore_index, blocks_per_split,
-    HAS_BIAS: tl.constexpr, Z_FROM_CODES: tl.constexpr, METRIC: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, Z_FROM_CODES: tl.constexpr, METRIC: tl.constexpr,
+    STUDENT_PRECISION: tl.constexpr, TEACHER_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n, split = tl.program_id(0), tl.program_id(1)
@@ -112,9 +114,9 @@ def _linear_snce_fwd_kernel(
         code_mask = codes < K
         code_term = tl.load(code_term_ptr + codes, mask=code_mask, other=0.0)
         l = student_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, codes, code_mask, H,
-                         HAS_BIAS, BLOCK_N, BLOCK_K, BLOCK_H)
+                         HAS_BIAS, STUDENT_PRECISION, BLOCK_N, BLOCK_K, BLOCK_H)
         t = teacher_tile(z_ptr, z_rows, row_mask, row_scale, e_ptr, codes, code_mask, code_term, D,
-                         METRIC, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D) * inv_tau
+                         METRIC, TEACHER_PRECISION, BLOCK_N, BLOCK_K, BLOCK_D) * inv_tau
         l_or_0 = tl.where(code_mask[None, :], l, 0.0)
         l = tl.where(code_mask[None, :], l, float("-inf"))
         t = tl.where(code_mask[None, :], t, float("-inf"))
@@ -140,7 +142,8 @@ def _linear_snce_bwd_kernel(
     x_ptr, w_ptr, b_ptr, z_ptr, e_ptr, target_ptr, row_scale_ptr, code_term_ptr,
     lse_l_ptr, lse_t_ptr, grad_row_ptr, dx_ptr, dw_ptr, db_ptr,
     N, K, H, D, inv_tau, ignore_index, filter_eps,
-    HAS_BIAS: tl.constexpr, Z_FROM_CODES: tl.constexpr, METRIC: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, Z_FROM_CODES: tl.constexpr, METRIC: tl.constexpr,
+    STUDENT_PRECISION: tl.constexpr, TEACHER_PRECISION: tl.constexpr,
     COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     GROUP_N: tl.constexpr,
@@ -166,9 +169,10 @@ def _linear_snce_bwd_kernel(
 
     row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=1.0)
     code_term = tl.load(code_term_ptr + codes, mask=code_mask, other=0.0)
-    l = student_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, codes, code_mask, H, HAS_BIAS, BLOCK_N, BLOCK_K, BLOCK_H)
+    l = student_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, codes, code_mask, H,
+                     HAS_BIAS, STUDENT_PRECISION, BLOCK_N, BLOCK_K, BLOCK_H)
     t = teacher_tile(z_ptr, z_rows, row_mask, row_scale, e_ptr, codes, code_mask, code_term, D,
-                     METRIC, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D) * inv_tau
+                     METRIC, TEACHER_PRECISION, BLOCK_N, BLOCK_K, BLOCK_D) * inv_tau
     lse_l = tl.load(lse_l_ptr + rows, mask=row_mask, other=0.0)
     lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
     tile_mask = row_mask[:, None] & code_mask[None, :]
@@ -188,13 +192,13 @@ def _linear_snce_bwd_kernel(
             if COMPUTE_DX:
                 w = tl.load(w_ptr + codes[:, None] * H + hs[None, :], mask=code_mask[:, None] & h_mask[None, :],
                             other=0.0)
-                dx = tl.dot(dl_in, w, input_precision="ieee")  # (BLOCK_N, BLOCK_H)
+                dx = tl.dot(dl_in, w, input_precision=STUDENT_PRECISION)  # (BLOCK_N, BLOCK_H)
                 tl.atomic_add(dx_ptr + rows[:, None] * H + hs[None, :], dx,
                               mask=row_mask[:, None] & h_mask[None, :], sem="relaxed")
             if COMPUTE_DW:
                 x = tl.load(x_ptr + rows[:, None] * H + hs[None, :], mask=row_mask[:, None] & h_mask[None, :],
                             other=0.0)
-                dw = tl.dot(tl.trans(dl_in), x, input_precision="ieee")  # (BLOCK_K, BLOCK_H)
+                dw = tl.dot(tl.trans(dl_in), x, input_precision=STUDENT_PRECISION)  # (BLOCK_K, BLOCK_H)
                 tl.atomic_add(dw_ptr + codes[:, None] * H + hs[None, :], dw,
                               mask=code_mask[:, None] & h_mask[None, :], sem="relaxed")
 
@@ -221,7 +225,8 @@ class LinearSNCEFunction(torch.autograd.Function):
         parts = torch.empty(3, splits, n, dtype=torch.float32, device=hidden.device)  # lse_l, lse_t, q.l
         meta = dict(
             HAS_BIAS=head_bias is not None, Z_FROM_CODES=latents is None, METRIC=metric,
-            PRECISION=_teacher_precision(config, hidden), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            STUDENT_PRECISION=student_precision(hidden.dtype),
+            TEACHER_PRECISION=_teacher_precision(config, hidden), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             BLOCK_H=dot_block(h, config.block_h), BLOCK_D=dot_block(d, config.block_d),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )

@@ -50,6 +50,12 @@ def row_scales(
     return 1.0 / latents.detach().float().norm(dim=-1).clamp_min(NORM_EPS)
 
 
+def student_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision of the student matmuls: exact "ieee" for float32 (torch's default on CUDA), else the
+    backend default (bf16/fp16 operands are multiplied exactly either way, accumulated in float32)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def dot_block(size: int, cap: int) -> int:
     """Power-of-two block over a contraction dim of ``size``: >= 16 (tl.dot's minimum), at most ``cap``."""
     return max(16, min(triton.next_power_of_2(size), cap))
@@ -72,15 +78,19 @@ def code_splits(n_row_blocks: int, n_code_blocks: int, device: torch.device) -> 
 @triton.jit
 def student_tile(
     x_ptr, w_ptr, b_ptr, rows, row_mask, codes, code_mask, H,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """(BLOCK_N, BLOCK_K) float32 logits x[rows] @ w[codes]^T + b[codes]; x (N, H), w (K, H) row-major."""
+    """(BLOCK_N, BLOCK_K) float32 logits x[rows] @ w[codes]^T + b[codes]; x (N, H), w (K, H) row-major.
+
+    PRECISION (see :func:`student_precision`) only matters for float32 x and w.
+    """
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
         x = tl.load(x_ptr + rows[:, None] * H + hs[None, :], mask=row_mask[:, None] & (hs < H)[None, :], other=0.0)
         w = tl.load(w_ptr + codes[:, None] * H + hs[None, :], mask=code_mask[:, None] & (hs < H)[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")  # "ieee" only matters for float32 inputs
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + codes, mask=code_mask, other=0.0).to(tl.float32)[None, :]
     return acc
