@@ -22,12 +22,14 @@ only O(N + K) statistics and a handful of blocks are alive. ``chunked=False`` ru
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from snce.quantize.base import Quantizer, check_nonnegative, check_positive_int
-from snce.quantize.search import code_blocks, nearest_codes
+from snce.quantize.search import code_blocks
 
 IBQ_BLOCK_BYTES = 32 * 2**20
 
@@ -91,16 +93,10 @@ class IBQuantizer(Quantizer):
     def quantize(self, z):
         E = self.embed
         if self.chunked:
-            _, indices, lse = nearest_codes(
-                z.detach().float(),
-                E.detach().float(),
-                "dot",
-                1,
-                logsumexp_tau=1.0,
-                max_block_bytes=self.max_block_bytes,
+            row_max, indices, log_sum = softmax_stats(
+                z.detach(), E.detach(), 1.0, self.max_block_bytes
             )
-            indices = indices[:, 0]
-            zq = IndexBackprop.apply(z, E, indices, lse, self.max_block_bytes)
+            zq = IndexBackprop.apply(z, E, indices, row_max, log_sum, self.max_block_bytes)
         else:
             zq, indices = dense_index_backprop(z, E)
         zq = zq.to(z.dtype)
@@ -164,68 +160,69 @@ def dense_entropy_terms(
 class IndexBackprop(torch.autograd.Function):
     """z_q = (onehot(k*) - sg(p) + p) @ E without (N, K) tensors.
 
-    Forward: z_q = E[k*] (the exact value). Backward, with g = dL/dz_q (N, D) and p = exp(l - lse):
+    Forward: z_q = E[k*] (the exact value). Backward, with g = dL/dz_q (N, D) and p = softmax(l):
         dE   = onehot^T g + dl^T z,   dz = dl E,   dl_ik = p_ik (g_i.e_k - c_i),   c_i = sum_k p_ik g_i.e_k
     in two passes over code blocks (c first, then dl), recomputing the logits block by block.
     """
 
     @staticmethod
-    def forward(ctx, z, codebook, indices, lse, max_block_bytes):
-        ctx.save_for_backward(z, codebook, indices, lse)
+    def forward(ctx, z, codebook, indices, row_max, log_sum, max_block_bytes):
+        ctx.save_for_backward(z, codebook, indices, row_max, log_sum)
         ctx.max_block_bytes = max_block_bytes
         return codebook.float()[indices]
 
     @staticmethod
     def backward(ctx, grad):
-        z, codebook, indices, lse = ctx.saved_tensors
+        z, codebook, indices, row_max, log_sum = ctx.saved_tensors
         g, E, zf = grad.float(), codebook.float(), z.float()
-        c = torch.zeros_like(lse)
-        for rows, _, p, g_dot_e in _soft_blocks(zf, E, lse, 1.0, g, ctx.max_block_bytes):
+        stats, block = (row_max, log_sum), ctx.max_block_bytes
+        c = torch.zeros_like(row_max)
+        for rows, _, p, g_dot_e in _soft_blocks(zf, E, stats, 1.0, g, block):
             c[rows] += (p * g_dot_e).sum(dim=1)
         dz = torch.zeros_like(zf)
         dE = torch.zeros_like(E).index_add_(0, indices, g)  # the one-hot path: selected codes only
-        for rows, codes, p, g_dot_e in _soft_blocks(zf, E, lse, 1.0, g, ctx.max_block_bytes):
+        for rows, codes, p, g_dot_e in _soft_blocks(zf, E, stats, 1.0, g, block):
             dl = p.mul_(g_dot_e.sub_(c[rows, None]))  # (n, k), reuses the blocks' memory
             dz[rows] += dl @ E[codes]
             dE[codes] += dl.T @ zf[rows]
-        return dz.to(z.dtype), dE.to(codebook.dtype), None, None, None
+        return dz.to(z.dtype), dE.to(codebook.dtype), None, None, None, None
 
 
 class EntropyTerms(torch.autograd.Function):
     """(mean_i H(p_i), H(mean_i p_i)) of p_i = softmax(z_i E^T / T), without (N, K) tensors.
 
-    Forward: lse of l / T (one pass), then H_i = -sum_k p log p and p_bar = mean_i p_i (second pass).
-    Backward, s = l / T, u_k = -log p_bar_k (0 where p_bar_k = 0, where every p_ik is 0 too), upstream
-    gradients g1, g2:  ds_ik = -(g1 / N) p_ik (log p_ik + H_i) + (g2 / N) p_ik (u_k - sum_j p_ij u_j).
+    Forward: row max and log-normaliser of s = l / T (one pass), then H_i = -sum_k p log p and
+    p_bar = mean_i p_i (second pass). Backward, u_k = -log p_bar_k (0 where p_bar_k = 0, where every p_ik
+    is 0 too), upstream gradients g1, g2:
+        ds_ik = -(g1 / N) p_ik (log p_ik + H_i) + (g2 / N) p_ik (u_k - sum_j p_ij u_j),   dl = ds / T.
     """
 
     @staticmethod
     def forward(ctx, z, codebook, temperature, max_block_bytes):
         zf, E = z.detach().float(), codebook.detach().float()
-        lse = nearest_codes(
-            zf, E, "dot", 1, logsumexp_tau=temperature, max_block_bytes=max_block_bytes
-        )[2]
-        entropy = torch.zeros_like(lse)
+        row_max, _, log_sum = softmax_stats(zf, E, 1.0 / temperature, max_block_bytes)
+        stats = (row_max, log_sum)
+        entropy = torch.zeros_like(row_max)
         p_bar = torch.zeros(E.shape[0], device=E.device)
-        for rows, codes, p, log_p in _prob_blocks(zf, E, lse, 1.0 / temperature, max_block_bytes):
+        for rows, codes, p, log_p in _prob_blocks(zf, E, stats, 1.0 / temperature, max_block_bytes):
             entropy[rows] -= (p * log_p).sum(dim=1)
             p_bar[codes] += p.sum(dim=0)
         p_bar /= zf.shape[0]
         u = torch.where(p_bar > 0, -p_bar.log(), torch.zeros_like(p_bar))
-        ctx.save_for_backward(z, codebook, lse, entropy, u)
+        ctx.save_for_backward(z, codebook, row_max, log_sum, entropy, u)
         ctx.temperature, ctx.max_block_bytes = temperature, max_block_bytes
         return entropy.mean(), -torch.special.xlogy(p_bar, p_bar).sum()
 
     @staticmethod
     def backward(ctx, g_sample, g_batch):
-        z, codebook, lse, entropy, u = ctx.saved_tensors
+        z, codebook, row_max, log_sum, entropy, u = ctx.saved_tensors
         zf, E, t = z.float(), codebook.float(), ctx.temperature
-        n = zf.shape[0]
-        c = torch.zeros_like(lse)
-        for rows, codes, p, _ in _prob_blocks(zf, E, lse, 1.0 / t, ctx.max_block_bytes):
+        n, stats, block = zf.shape[0], (row_max, log_sum), ctx.max_block_bytes
+        c = torch.zeros_like(row_max)
+        for rows, codes, p, _ in _prob_blocks(zf, E, stats, 1.0 / t, block):
             c[rows] += p @ u[codes]
         dz, dE = torch.zeros_like(zf), torch.zeros_like(E)
-        for rows, codes, p, log_p in _prob_blocks(zf, E, lse, 1.0 / t, ctx.max_block_bytes):
+        for rows, codes, p, log_p in _prob_blocks(zf, E, stats, 1.0 / t, block):
             ds = log_p.add_(entropy[rows, None]).mul_(-g_sample)  # -(g1)(log p + H_i)
             ds += g_batch * (u[codes] - c[rows, None])
             dl = ds.mul_(p).div_(n * t)  # through s = l / T
@@ -234,14 +231,39 @@ class EntropyTerms(torch.autograd.Function):
         return dz.to(z.dtype), dE.to(codebook.dtype), None, None
 
 
-def _prob_blocks(z, E, lse, scale, max_block_bytes):
-    """Yield (rows, codes, p, log p) blocks of p = softmax(scale * z E^T) given the row log-normalisers lse."""
+@torch.no_grad()
+def softmax_stats(
+    z: torch.Tensor, codebook: torch.Tensor, scale: float, max_block_bytes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One streamed pass over s = scale * z E^T: row max m (N,), argmax (N,), r = log sum_k exp(s_k - m) (N,).
+
+    log p = (s - m) - r keeps the top code's log-probability exact (s - logsumexp(s) loses it to rounding
+    at large |s|, e.g. at T = 0.01). Ties go to the lower code index, as in ``nearest_codes``.
+    """
+    zf, E = z.float(), codebook.float()
+    row_max = torch.full((zf.shape[0],), -math.inf, device=zf.device)
+    log_sum = torch.zeros_like(row_max)
+    argmax = torch.zeros(zf.shape[0], dtype=torch.long, device=zf.device)
+    for rows, codes, s in code_blocks(zf, E, "dot", scale=scale, max_block_bytes=max_block_bytes):
+        block_max, block_arg = s.max(dim=1)
+        old = row_max[rows]
+        new = torch.maximum(old, block_max)
+        block_sum = (s - new[:, None]).exp_().sum(dim=1).log_()
+        log_sum[rows] = torch.logaddexp(log_sum[rows] + (old - new), block_sum)
+        argmax[rows] = torch.where(block_max > old, block_arg + codes.start, argmax[rows])
+        row_max[rows] = new
+    return row_max, argmax, log_sum
+
+
+def _prob_blocks(z, E, stats, scale, max_block_bytes):
+    """Yield (rows, codes, p, log p) blocks of p = softmax(scale * z E^T), stats = (row max, log-sum)."""
+    row_max, log_sum = stats
     for rows, codes, s in code_blocks(z, E, "dot", scale=scale, max_block_bytes=max_block_bytes):
-        log_p = s.sub_(lse[rows, None])
+        log_p = s.sub_(row_max[rows, None]).sub_(log_sum[rows, None])
         yield rows, codes, log_p.exp(), log_p
 
 
-def _soft_blocks(z, E, lse, scale, g, max_block_bytes):
+def _soft_blocks(z, E, stats, scale, g, max_block_bytes):
     """Yield (rows, codes, p, g.e) blocks: softmax probabilities and the upstream gradient's dot with codes."""
-    for rows, codes, p, _ in _prob_blocks(z, E, lse, scale, max_block_bytes):
+    for rows, codes, p, _ in _prob_blocks(z, E, stats, scale, max_block_bytes):
         yield rows, codes, p, g[rows] @ E[codes].T
