@@ -2,7 +2,8 @@
 
 One run measures, at N tokens, hidden size H, codebook sizes K and code dims D (bf16 by default):
 
-    snce triton          snce.losses.kernels.fused_linear_snce_loss_triton (exact; and with gradient filtering)
+    snce triton          snce.losses.kernels.fused_linear_snce_loss_triton: gemm backward (default), atomic
+                         backward, atomic backward with gradient filtering
     snce torch chunked   snce.functional.fused_linear_snce_loss on the torch path
     snce naive           dense torch: logits, q and log-softmax as (N, K) float32 tensors (OOM is reported)
     ce torch             linear + F.cross_entropy (hard labels)
@@ -115,14 +116,16 @@ def methods(args, x, w, target, codebook, latents, tau):
         return grads(-(q * logits.log_softmax(dim=-1)).sum(-1).mean())
 
     steps = {}
-    configs = [KernelConfig()]
+    tiles = [{}]
     if args.sweep:
-        configs = [KernelConfig(block_n=bn, block_k=bk, block_h=bh, num_warps=nw, num_stages=ns)
-                   for bn, bk, bh, nw, ns in SWEEP]
-    for cfg in configs:
-        tag = f" [{cfg.block_n}x{cfg.block_k}x{cfg.block_h} w{cfg.num_warps} s{cfg.num_stages}]" if args.sweep else ""
-        steps["snce triton" + tag] = kernel(cfg)
-    steps[f"snce triton, filter_eps={args.filter_eps:.1e}"] = kernel(KernelConfig(filter_eps=args.filter_eps))
+        tiles = [dict(block_n=bn, block_k=bk, block_h=bh, num_warps=nw, num_stages=ns) for bn, bk, bh, nw, ns in SWEEP]
+    for t in tiles:
+        tag = " [{block_n}x{block_k}x{block_h} w{num_warps} s{num_stages}]".format(**t) if t else ""
+        steps["snce triton" + tag] = kernel(KernelConfig(**t))
+        steps["snce triton, atomic bwd" + tag] = kernel(KernelConfig(backward="atomic", **t))
+    steps[f"snce triton, atomic bwd, filter_eps={args.filter_eps:.1e}"] = kernel(
+        KernelConfig(backward="atomic", filter_eps=args.filter_eps)
+    )
     steps["snce torch chunked"] = lambda: grads(fused_linear_snce_loss(x, w, target, **kw, **torch_kw))
     steps["snce naive"] = naive
     steps["ce torch"] = lambda: grads(F.cross_entropy((x @ w.T).float(), target))

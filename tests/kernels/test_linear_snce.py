@@ -14,7 +14,9 @@ from snce.losses.kernels import KernelConfig, fused_linear_snce_loss_triton  # n
 from snce.losses.reference import dense_targets, fused_linear_snce_loss_reference  # noqa: E402
 
 N, H, K, D = 37, 24, 70, 8
-TINY = KernelConfig(block_n=32, block_k=32, block_h=32, block_d=16)
+# Small tiles: 2 row blocks, 3 code blocks, 2 forward code splits; the gemm backward runs 3 code chunks.
+TINY = KernelConfig(block_n=32, block_k=32, block_h=32, block_d=16, chunk_bytes=N * 4 * 32)
+TINY_ATOMIC = KernelConfig(block_n=32, block_k=32, block_h=32, block_d=16, backward="atomic")
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
@@ -74,6 +76,14 @@ def test_matches_reference(device, metric, latents):
     check_against_reference(x, w, b, target, dict(kw, metric=metric))
 
 
+@pytest.mark.parametrize(
+    ("metric", "latents", "reduction"), [("l2", True, "mean"), ("cosine", False, "none")], ids=["l2", "cosine"]
+)
+def test_atomic_backward_matches_reference(device, metric, latents, reduction):
+    x, w, b, target, kw = make_problem(device, latents=latents)
+    check_against_reference(x, w, b, target, dict(kw, metric=metric), config=TINY_ATOMIC, reduction=reduction)
+
+
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_reductions_without_bias_or_weight(device, reduction):
     x, w, b, target, kw = make_problem(device, bias=False, weight=False)
@@ -94,19 +104,21 @@ def test_matches_torch_path_with_batch_dims(device):
     assert_grads(grads, ref_grads, 1e-4)
 
 
-def test_only_hidden_needs_grad(device):
+@pytest.mark.parametrize("config", [TINY, TINY_ATOMIC], ids=["gemm", "atomic"])
+def test_only_hidden_needs_grad(device, config):
     x, w, b, target, kw = make_problem(device)
     w.requires_grad_(False)
     b.requires_grad_(False)
-    (g,) = torch.autograd.grad(fused_linear_snce_loss_triton(x, w, target, b, config=TINY, **kw), (x,))
+    (g,) = torch.autograd.grad(fused_linear_snce_loss_triton(x, w, target, b, config=config, **kw), (x,))
     (g_ref,) = torch.autograd.grad(fused_linear_snce_loss_reference(x, w, target, b, **kw), (x,))
     assert_rel(g, g_ref, 1e-4, "grad hidden")
 
 
-def test_all_ignored_gives_zero_loss_and_grads(device):
+@pytest.mark.parametrize("config", [TINY, TINY_ATOMIC], ids=["gemm", "atomic"])
+def test_all_ignored_gives_zero_loss_and_grads(device, config):
     x, w, b, target, kw = make_problem(device)
     target.fill_(-100)
-    loss = fused_linear_snce_loss_triton(x, w, target, b, config=TINY, **kw)
+    loss = fused_linear_snce_loss_triton(x, w, target, b, config=config, **kw)
     grads = torch.autograd.grad(loss, (x, w, b))
     assert loss.item() == 0.0
     assert all(bool((g == 0).all()) for g in grads)
@@ -123,7 +135,7 @@ def test_gradient_filtering_drops_exactly_the_negligible_tiles(device):
         w.mul_(0.1)
         b.mul_(0.1)
     eps = 0.05
-    cfg = KernelConfig(block_n=16, block_k=16, block_h=32, block_d=16, filter_eps=eps)
+    cfg = KernelConfig(block_n=16, block_k=16, block_h=32, block_d=16, backward="atomic", filter_eps=eps)
     loss = fused_linear_snce_loss_triton(x, w, target, b, reduction="sum", config=cfg, **kw)
     grads = torch.autograd.grad(loss, (x, w, b))
 
@@ -160,14 +172,20 @@ def test_rejects_bad_input_before_work(device):
         fused_linear_snce_loss_triton(x, w, target, b, metric="manhattan", **kw)
     with pytest.raises(ValueError, match="latents"):
         fused_linear_snce_loss_triton(x, w, target, b, **dict(kw, latents=kw["latents"][:, :4]))
+    with pytest.raises(ValueError, match="filter_eps > 0 needs backward='atomic'"):
+        KernelConfig(filter_eps=1e-3)
+    with pytest.raises(ValueError, match="block_k"):
+        KernelConfig(block_k=48)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backward", ["gemm", "atomic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
-def test_default_tiles_at_larger_shapes_on_gpu(metric, dtype):
+def test_default_tiles_at_larger_shapes_on_gpu(metric, dtype, backward):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     x, w, b, target, kw = make_problem("cuda", dtype, n=1000, h=256, k=5003, d=64)
-    check_against_reference(x, w, b, target, dict(kw, metric=metric), config=KernelConfig(), tol=TOL[dtype])
+    config = KernelConfig(backward=backward, chunk_bytes=1000 * 4 * 2048)  # several code chunks
+    check_against_reference(x, w, b, target, dict(kw, metric=metric), config=config, tol=TOL[dtype])
 

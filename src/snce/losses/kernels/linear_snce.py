@@ -10,12 +10,17 @@ computes l (x @ W^T, float32 accumulation) and t (z @ E^T), and updates three ru
 rescaling: lse(l), lse(t) and the target term sum_k exp(t_k - max t) l_k. Only per-(split, token) partials are
 written, then merged in torch: O(splits x N) memory.
 
-Backward: one program per tile recomputes l and t, forms dl = g_n (p - q) in registers and adds
-dl @ W_tile into grad_hidden, dl^T @ x_tile into grad_weight and sum_n dl into grad_bias (float32 atomics).
-``filter_eps > 0`` skips tiles where every p and q is below it (gradient filtering; off by default, exact).
-Extra memory: float32 gradient buffers (N x H + K x H + K), then cast to the input dtype.
+Backward: tiles recompute l and t from the saved per-token lse(l), lse(t) and form dl = g_n (p - q)
+(g_n: the upstream gradient of token n). Two ways to turn dl into gradients (``KernelConfig.backward``):
 
-FLOPs: forward 2NKH + 2NKD, backward 6NKH + 2NKD.
+* "gemm" (default): for one chunk of codes at a time, a kernel writes dl (N, chunk) in the input dtype, then
+  cuBLAS computes grad_hidden += dl @ W_chunk (float32) and grad_weight[chunk] = dl^T @ x. Extra memory:
+  the chunk (``chunk_bytes``, 256 MiB) + float32 grad_hidden (N x H); no atomics, deterministic.
+* "atomic": each tile adds dl @ W_tile, dl^T @ x_tile and sum_n dl into float32 gradient buffers with
+  atomics (as Cut Cross-Entropy does); ``filter_eps > 0`` skips tiles where every p and q is below it
+  (gradient filtering; off by default). Extra memory: float32 buffers N x H + K x H + K.
+
+FLOPs either way: forward 2NKH + 2NKD, backward 6NKH + 2NKD.
 """
 
 from __future__ import annotations
@@ -41,13 +46,17 @@ from snce.losses.kernels.tiles import (
 from snce.losses.targets import check_finite, check_tau
 from snce.quantize.search import check_metric
 
+BACKWARDS = ("gemm", "atomic")
+
 
 @dataclass(frozen=True)
 class KernelConfig:
     """Tile sizes and launch options (fixed defaults; benchmarks may sweep them).
 
     block_n x block_k is the (tokens x codes) tile; block_h / block_d bound the contraction chunks over H / D.
-    filter_eps: skip backward tiles where all p and q are < filter_eps (0 = exact).
+    backward: "gemm" (a Triton kernel writes d loss / d logits for chunks of ``chunk_bytes`` and cuBLAS does
+        the two gradient matmuls) or "atomic" (each tile adds its gradients with float32 atomics, CCE-style).
+    filter_eps: "atomic" only: skip tiles where all p and q are < filter_eps (gradient filtering; 0 = exact).
     teacher_precision: tl.dot precision of the float32 teacher matmul: "auto" ("ieee" when the student is
         float32, else "tf32", exact for bf16/fp16 codebooks and latents), "ieee", "tf32" or "tf32x3".
     """
@@ -59,6 +68,8 @@ class KernelConfig:
     group_n: int = 8  # backward tile order: sweep group_n token blocks per code block (L2 reuse)
     num_warps: int = 8
     num_stages: int = 3
+    backward: str = "gemm"
+    chunk_bytes: int = 256 * 2**20
     filter_eps: float = 0.0
     teacher_precision: str = "auto"
 
@@ -67,8 +78,13 @@ class KernelConfig:
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 16 and v & (v - 1) == 0):
                 raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {v!r}")
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"KernelConfig.backward must be one of {BACKWARDS}, got {self.backward!r}")
         if not 0.0 <= self.filter_eps < 1.0:
             raise ValueError(f"KernelConfig.filter_eps must be in [0, 1), got {self.filter_eps!r}")
+        if self.filter_eps > 0 and self.backward != "atomic":
+            raise ValueError("KernelConfig.filter_eps > 0 needs backward='atomic' (the gemm backward always "
+                             f"computes every tile), got backward={self.backward!r}")
         if self.teacher_precision not in ("auto", *PRECISIONS):
             raise ValueError(
                 f"KernelConfig.teacher_precision must be 'auto' or one of {PRECISIONS}, got {self.teacher_precision!r}"
@@ -138,7 +154,77 @@ def _linear_snce_fwd_kernel(
 
 
 @triton.jit
-def _linear_snce_bwd_kernel(
+def _row_block(
+    rows, N, target_ptr, row_scale_ptr, lse_l_ptr, lse_t_ptr, grad_row_ptr, ignore_index, Z_FROM_CODES: tl.constexpr
+):
+    """Per-row inputs of the backward: mask, z rows, cosine scale, g (upstream grad, 0 if ignored), both lse."""
+    row_mask = rows < N
+    valid, z_rows = _load_rows(target_ptr, rows, row_mask, ignore_index, Z_FROM_CODES)
+    row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=1.0)
+    g = tl.where(valid, tl.load(grad_row_ptr + rows, mask=row_mask, other=0.0), 0.0)
+    lse_l = tl.load(lse_l_ptr + rows, mask=row_mask, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
+    return row_mask, z_rows, row_scale, g, lse_l, lse_t
+
+
+@triton.jit
+def _dlogits_tile(
+    x_ptr, w_ptr, b_ptr, z_ptr, e_ptr, code_term_ptr,
+    rows, row_mask, z_rows, row_scale, g, lse_l, lse_t, codes, K, H, D, inv_tau,
+    HAS_BIAS: tl.constexpr, METRIC: tl.constexpr,
+    STUDENT_PRECISION: tl.constexpr, TEACHER_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Recompute one tile: (BLOCK_N, BLOCK_K) float32 d loss / d logits = g_n (p - q), and max(p, q) over it."""
+    code_mask = codes < K
+    code_term = tl.load(code_term_ptr + codes, mask=code_mask, other=0.0)
+    l = student_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, codes, code_mask, H,
+                     HAS_BIAS, STUDENT_PRECISION, BLOCK_N, BLOCK_K, BLOCK_H)
+    t = teacher_tile(z_ptr, z_rows, row_mask, row_scale, e_ptr, codes, code_mask, code_term, D,
+                     METRIC, TEACHER_PRECISION, BLOCK_N, BLOCK_K, BLOCK_D) * inv_tau
+    tile_mask = row_mask[:, None] & code_mask[None, :]
+    p = tl.where(tile_mask, tl.exp(l - lse_l[:, None]), 0.0)
+    q = tl.where(tile_mask, tl.exp(t - lse_t[:, None]), 0.0)
+    return g[:, None] * (p - q), tl.max(tl.maximum(p, q))
+
+
+@triton.jit
+def _grouped_tile(pid, n_row_blocks, n_code_blocks, GROUP_N: tl.constexpr):
+    """Tile order: consecutive programs sweep GROUP_N row blocks over one code block (W and x tiles stay in L2)."""
+    per_group = GROUP_N * n_code_blocks
+    group_first = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(n_row_blocks - group_first, GROUP_N)
+    return group_first + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+@triton.jit
+def _dlogits_kernel(
+    x_ptr, w_ptr, b_ptr, z_ptr, e_ptr, target_ptr, row_scale_ptr, code_term_ptr,
+    lse_l_ptr, lse_t_ptr, grad_row_ptr, dl_ptr,
+    N, K, H, D, inv_tau, ignore_index, code_start, chunk_codes, dl_stride,
+    HAS_BIAS: tl.constexpr, Z_FROM_CODES: tl.constexpr, METRIC: tl.constexpr,
+    STUDENT_PRECISION: tl.constexpr, TEACHER_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP_N: tl.constexpr,
+):
+    """Write d loss / d logits of codes [code_start, code_start + chunk_codes) into dl (N, chunk), x's dtype."""
+    pid_n, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(chunk_codes, BLOCK_K), GROUP_N)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)  # within the chunk
+    row_mask, z_rows, row_scale, g, lse_l, lse_t = _row_block(
+        rows, N, target_ptr, row_scale_ptr, lse_l_ptr, lse_t_ptr, grad_row_ptr, ignore_index, Z_FROM_CODES
+    )
+    col_mask = cols < chunk_codes
+    dl, _ = _dlogits_tile(x_ptr, w_ptr, b_ptr, z_ptr, e_ptr, code_term_ptr,
+                          rows, row_mask, z_rows, row_scale, g, lse_l, lse_t,
+                          tl.where(col_mask, code_start + cols, K), K, H, D, inv_tau,
+                          HAS_BIAS, METRIC, STUDENT_PRECISION, TEACHER_PRECISION, BLOCK_N, BLOCK_K, BLOCK_H, BLOCK_D)
+    tl.store(dl_ptr + rows[:, None] * dl_stride + cols[None, :], dl.to(dl_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _atomic_backward_kernel(
     x_ptr, w_ptr, b_ptr, z_ptr, e_ptr, target_ptr, row_scale_ptr, code_term_ptr,
     lse_l_ptr, lse_t_ptr, grad_row_ptr, dx_ptr, dw_ptr, db_ptr,
     N, K, H, D, inv_tau, ignore_index, filter_eps,
@@ -148,41 +234,23 @@ def _linear_snce_bwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     GROUP_N: tl.constexpr,
 ):
-    # Grouped tile order: consecutive programs sweep GROUP_N token blocks over one code block, so the
-    # W tile and the x tiles they share stay in L2.
-    pid = tl.program_id(0)
-    n_row_blocks, n_code_blocks = tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K)
-    per_group = GROUP_N * n_code_blocks
-    group_first = (pid // per_group) * GROUP_N
-    group_size = tl.minimum(n_row_blocks - group_first, GROUP_N)
-    pid_n = group_first + (pid % per_group) % group_size
-    pid_k = (pid % per_group) // group_size
-
+    """One tile: add dl @ W_tile to grad hidden, dl^T @ x_tile to grad weight, sum_n dl to grad bias (float32)."""
+    pid_n, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    row_mask = rows < N
     codes = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    code_mask = codes < K
-    valid, z_rows = _load_rows(target_ptr, rows, row_mask, ignore_index, Z_FROM_CODES)
-    g = tl.where(valid, tl.load(grad_row_ptr + rows, mask=row_mask, other=0.0), 0.0)
+    row_mask, z_rows, row_scale, g, lse_l, lse_t = _row_block(
+        rows, N, target_ptr, row_scale_ptr, lse_l_ptr, lse_t_ptr, grad_row_ptr, ignore_index, Z_FROM_CODES
+    )
     if tl.max(tl.abs(g)) == 0.0:  # all ignored or zero upstream gradient: nothing to add
         return
-
-    row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=1.0)
-    code_term = tl.load(code_term_ptr + codes, mask=code_mask, other=0.0)
-    l = student_tile(x_ptr, w_ptr, b_ptr, rows, row_mask, codes, code_mask, H,
-                     HAS_BIAS, STUDENT_PRECISION, BLOCK_N, BLOCK_K, BLOCK_H)
-    t = teacher_tile(z_ptr, z_rows, row_mask, row_scale, e_ptr, codes, code_mask, code_term, D,
-                     METRIC, TEACHER_PRECISION, BLOCK_N, BLOCK_K, BLOCK_D) * inv_tau
-    lse_l = tl.load(lse_l_ptr + rows, mask=row_mask, other=0.0)
-    lse_t = tl.load(lse_t_ptr + rows, mask=row_mask, other=0.0)
-    tile_mask = row_mask[:, None] & code_mask[None, :]
-    p = tl.where(tile_mask, tl.exp(l - lse_l[:, None]), 0.0)
-    q = tl.where(tile_mask, tl.exp(t - lse_t[:, None]), 0.0)
-    if tl.max(tl.maximum(p, q)) < filter_eps:  # gradient filtering (never true for filter_eps = 0)
+    dl, pq_max = _dlogits_tile(x_ptr, w_ptr, b_ptr, z_ptr, e_ptr, code_term_ptr,
+                               rows, row_mask, z_rows, row_scale, g, lse_l, lse_t, codes, K, H, D, inv_tau,
+                               HAS_BIAS, METRIC, STUDENT_PRECISION, TEACHER_PRECISION,
+                               BLOCK_N, BLOCK_K, BLOCK_H, BLOCK_D)
+    if pq_max < filter_eps:  # gradient filtering (never true for filter_eps = 0)
         return
-    dl = g[:, None] * (p - q)  # (BLOCK_N, BLOCK_K) d loss / d logits
+    code_mask = codes < K
     dl_in = dl.to(x_ptr.dtype.element_ty)
-
     if COMPUTE_DB:
         tl.atomic_add(db_ptr + codes, tl.sum(dl, axis=0), mask=code_mask, sem="relaxed")
     if COMPUTE_DX or COMPUTE_DW:
@@ -249,29 +317,74 @@ class LinearSNCEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_row):
         hidden, head_weight, head_bias, target, codebook, latents, scales, terms, lse_l, lse_t = ctx.saved_tensors
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        need = ctx.needs_input_grad[:3]  # hidden, head_weight, head_bias
         n, h = hidden.shape
         n_codes, d = codebook.shape
         cfg = ctx.config
-        f32 = dict(dtype=torch.float32, device=hidden.device)
-        dx = torch.zeros(n, h, **f32) if need_dx else None
-        dw = torch.zeros(n_codes, h, **f32) if need_dw else None
-        db = torch.zeros(n_codes, **f32) if need_db else None
-        z = codebook if latents is None else latents
-        n_tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(n_codes, cfg.block_k)
-        _linear_snce_bwd_kernel[(n_tiles,)](
-            hidden, head_weight, head_bias if head_bias is not None else terms, z, codebook, target, scales, terms,
+        args = (
+            hidden, head_weight, head_bias if head_bias is not None else terms,  # any pointer when no bias
+            codebook if latents is None else latents, codebook, target, scales, terms,
             lse_l, lse_t, grad_row.float().contiguous(),
-            dx if need_dx else lse_l, dw if need_dw else lse_l, db if need_db else lse_l,  # unused pointers
-            n, n_codes, h, d, 1.0 / ctx.tau, ctx.ignore_index, cfg.filter_eps,
-            COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, COMPUTE_DB=need_db, GROUP_N=cfg.group_n, **ctx.meta,
         )
+        scalars = (n, n_codes, h, d, 1.0 / ctx.tau, ctx.ignore_index)
+        backward = _gemm_backward if cfg.backward == "gemm" else _atomic_backward
+        dx, dw, db = backward(args, scalars, need, cfg, ctx.meta)
         return (
-            dx.to(hidden.dtype) if need_dx else None,
-            dw.to(head_weight.dtype) if need_dw else None,
-            db.to(head_bias.dtype) if need_db else None,
+            dx.to(hidden.dtype) if need[0] else None,
+            dw.to(head_weight.dtype) if need[1] else None,
+            db.to(head_bias.dtype) if need[2] else None,
             None, None, None, None, None, None, None,
         )
+
+
+def _gemm_backward(args, scalars, need, cfg: KernelConfig, meta: dict):
+    """Code chunk by code chunk: a Triton kernel writes dl (N, chunk) in the input dtype, then cuBLAS adds
+    dl @ W_chunk to grad hidden (float32) and writes grad weight rows dl^T @ x. Returns (dx, dw, db)."""
+    hidden, head_weight = args[0], args[1]
+    n, n_codes = scalars[0], scalars[1]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    dx = torch.zeros(hidden.shape, **f32) if need[0] else None
+    dw = torch.empty_like(head_weight) if need[1] else None
+    db = torch.empty(n_codes, **f32) if need[2] else None
+    chunk = max(cfg.block_k, cfg.chunk_bytes // (n * hidden.element_size()) // cfg.block_k * cfg.block_k)
+    chunk = min(chunk, triton.cdiv(n_codes, cfg.block_k) * cfg.block_k)
+    dl_buffer = torch.empty(n, chunk, dtype=hidden.dtype, device=hidden.device)
+    for c0 in range(0, n_codes, chunk):
+        kc = min(chunk, n_codes - c0)
+        dl = dl_buffer[:, :kc]
+        grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(kc, cfg.block_k),)
+        _dlogits_kernel[grid](*args, dl, *scalars, c0, kc, chunk, GROUP_N=cfg.group_n, **meta)
+        if need[0]:
+            dx += _mm_float32(dl, head_weight[c0 : c0 + kc])
+        if need[1]:
+            torch.mm(dl.T, hidden, out=dw[c0 : c0 + kc])
+        if need[2]:
+            db[c0 : c0 + kc] = dl.sum(dim=0, dtype=torch.float32)
+    return dx, dw, db
+
+
+def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in float32, for float32 / bfloat16 / float16 operands."""
+    if a.dtype == torch.float32 or not a.is_cuda:
+        return a.float() @ b.float()
+    return torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS: low-precision operands, float32 output
+
+
+def _atomic_backward(args, scalars, need, cfg: KernelConfig, meta: dict):
+    """One program per tile adds its gradient contributions with float32 atomics. Returns (dx, dw, db)."""
+    hidden, head_weight = args[0], args[1]
+    n, n_codes = scalars[0], scalars[1]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    dx = torch.zeros(hidden.shape, **f32) if need[0] else None
+    dw = torch.zeros(head_weight.shape, **f32) if need[1] else None
+    db = torch.zeros(n_codes, **f32) if need[2] else None
+    unused = args[-1]  # a valid pointer for gradients nobody asked for
+    grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(n_codes, cfg.block_k),)
+    _atomic_backward_kernel[grid](
+        *args, *(g if g is not None else unused for g in (dx, dw, db)), *scalars, cfg.filter_eps,
+        COMPUTE_DX=need[0], COMPUTE_DW=need[1], COMPUTE_DB=need[2], GROUP_N=cfg.group_n, **meta,
+    )
+    return dx, dw, db
 
 
 REDUCTIONS = ("mean", "sum", "none")
