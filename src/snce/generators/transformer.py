@@ -124,7 +124,7 @@ def _check_int(value, name: str, minimum: int) -> None:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32."""
+    """x / rms(x) * weight, computed in float32 (or float64 for float64 inputs)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -132,7 +132,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return out.type_as(x) * self.weight
 
@@ -168,7 +168,7 @@ def rope_2d(grid: tuple[int, int], head_dim: int, n_prefix: int, base: float = 1
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x0, x1) of x (B, nh, L, hd) by the angles of cos/sin (L, hd/2)."""
-    xf = x.float().unflatten(-1, (-1, 2))
+    xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).type_as(x)
