@@ -16,11 +16,12 @@ TILES = dict(block_n=32, block_k=32, block_d=16)
 @pytest.mark.parametrize("k", [1, 3])
 def test_matches_torch_search(device, metric, k):
     z, codebook = torch.randn(37, 8, device=device), torch.randn(70, 8, device=device)
-    dist, idx = nearest_codes_triton(z, codebook, metric, k, **TILES)
-    ref_dist, ref_idx = nearest_codes(z, codebook, metric, k)
+    dist, idx, lse = nearest_codes_triton(z, codebook, metric, k, logsumexp_tau=0.7, **TILES)
+    ref_dist, ref_idx, ref_lse = nearest_codes(z, codebook, metric, k, logsumexp_tau=0.7)
     assert idx.dtype == torch.long and dist.dtype == torch.float32 and idx.shape == (37, k)
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(dist, ref_dist, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
 def test_ties_go_to_the_lower_index(device):
@@ -28,7 +29,7 @@ def test_ties_go_to_the_lower_index(device):
     base = torch.randint(-3, 4, (10, 4), device=device).float()
     codebook = torch.cat([base, base, base])  # codes i, i+10, i+20 are equal
     z = torch.randint(-3, 4, (37, 4), device=device).float()
-    dist, idx = nearest_codes_triton(z, codebook, "l2", 5, **TILES)
+    dist, idx = nearest_codes_triton(z, codebook, "l2", 5, **TILES)  # without logsumexp_tau: 2 outputs
     d = dense_distance(z.double(), codebook.double(), "l2")
     expected = d.sort(dim=1, stable=True).indices[:, :5]  # stable: equal distances keep index order
     assert torch.equal(idx, expected)
@@ -52,7 +53,8 @@ def test_default_tiles_at_larger_shapes_on_gpu(metric):
         pytest.skip("needs a CUDA GPU")
     z, codebook = torch.randn(3000, 64, device="cuda"), torch.randn(20011, 64, device="cuda")
     for k in (1, 8):
-        dist, idx = nearest_codes_triton(z, codebook, metric, k)
-        ref_dist, ref_idx = nearest_codes(z, codebook, metric, k)
+        dist, idx, lse = nearest_codes_triton(z, codebook, metric, k, logsumexp_tau=0.5)
+        ref_dist, ref_idx, ref_lse = nearest_codes(z, codebook, metric, k, logsumexp_tau=0.5)
         assert (idx == ref_idx).float().mean() > 0.9999  # float32 rounding may reorder exact near-ties
         torch.testing.assert_close(dist, ref_dist, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-4)

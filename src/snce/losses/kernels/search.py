@@ -4,7 +4,8 @@ Each program owns a block of rows and a contiguous run of code tiles (a "split")
 (rows x codes) score tile at a time (scores as in :mod:`snce.quantize.search`, via :func:`tiles.teacher_tile`)
 and reduces it into a running best-k list held in registers. Only the (splits, N, k) candidates leave the
 kernel; torch merges them with the same stable rule as :func:`snce.quantize.search.nearest_codes`, so ties go
-to the lower code index. Memory: O(splits x N x k).
+to the lower code index. With ``logsumexp_tau`` the same pass also keeps a running logsumexp of the scores
+(the normaliser of q = softmax(-d/tau), as NeighborTable.build needs). Memory: O(splits x N x k).
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from snce.losses.kernels.tiles import (
     row_scales,
     teacher_tile,
 )
+from snce.losses.targets import check_tau
 from snce.quantize.search import _stable_topk, check_search_inputs, scores_to_distances
 
 
 @triton.jit
 def _nearest_codes_kernel(
-    z_ptr, e_ptr, row_scale_ptr, code_term_ptr, out_score_ptr, out_index_ptr,
-    N, K, D, blocks_per_split,
+    z_ptr, e_ptr, row_scale_ptr, code_term_ptr, out_score_ptr, out_index_ptr, out_lse_ptr,
+    N, K, D, blocks_per_split, inv_tau,
     METRIC: tl.constexpr, PRECISION: tl.constexpr, K_BEST: tl.constexpr, K_SLOTS: tl.constexpr,
+    WITH_LSE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n, split = tl.program_id(0), tl.program_id(1)
@@ -41,6 +44,8 @@ def _nearest_codes_kernel(
     # -inf with distinct negative indices.
     best = tl.where(slots[None, :] < K_BEST, float("-inf"), float("inf")) + tl.zeros((BLOCK_N, K_SLOTS), tl.float32)
     best_i = -1 - slots[None, :].to(tl.int64) + tl.zeros((BLOCK_N, K_SLOTS), tl.int64)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # running max of s / tau (WITH_LSE)
+    sum_exp = tl.zeros((BLOCK_N,), tl.float32)  # sum exp(s / tau - m)
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, tl.cdiv(K, BLOCK_K))
     for kb in range(first, last):
@@ -51,6 +56,10 @@ def _nearest_codes_kernel(
         s = teacher_tile(z_ptr, rows, row_mask, row_scale, e_ptr, codes, code_mask, code_term, D,
                          METRIC, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
         s = tl.where(code_mask[None, :], s, float("-inf"))
+        if WITH_LSE:
+            m_new = tl.maximum(m, tl.max(s, axis=1) * inv_tau)
+            sum_exp = sum_exp * tl.exp(m - m_new) + tl.sum(tl.exp(s * inv_tau - m_new[:, None]), axis=1)
+            m = m_new
         # Take the tile's K_BEST best one at a time (ties: lowest column first); tiles arrive in code order,
         # so a candidate equal to a listed score has a higher index and loses.
         for _ in range(K_BEST):
@@ -67,6 +76,8 @@ def _nearest_codes_kernel(
     out_mask = row_mask[:, None] & (slots[None, :] < K_BEST)
     tl.store(out_score_ptr + out, best, mask=out_mask)
     tl.store(out_index_ptr + out, best_i, mask=out_mask)
+    if WITH_LSE:
+        tl.store(out_lse_ptr + split * N + rows, m + tl.log(sum_exp), mask=row_mask)
 
 
 @torch.no_grad()
@@ -76,6 +87,7 @@ def nearest_codes_triton(
     metric: str = "l2",
     k: int = 1,
     *,
+    logsumexp_tau: float | None = None,
     precision: str = "ieee",
     block_n: int = 64,
     block_k: int = 64,
@@ -86,15 +98,19 @@ def nearest_codes_triton(
 
     Args:
         z: (N, D) latents. codebook: (K, D). metric: "l2" | "cosine" | "dot". k: 1 <= k <= K.
+        logsumexp_tau: if given, also return logsumexp_k(-d(z, e_k) / tau) over all codes, (N,).
         precision: tl.dot input precision for float32 operands: "ieee" (exact float32, the default; TF32
             can flip near-ties), "tf32" or "tf32x3".
         block_n, block_k, block_d: tile sizes (powers of two, >= 16).
     Returns:
-        distances (N, k) float32 ascending, indices (N, k) long. Ties go to the lower code index.
+        distances (N, k) float32 ascending, indices (N, k) long [, log-normalizer (N,) float32].
+        Ties go to the lower code index.
     """
     check_search_inputs(z, codebook, metric)
     if not (isinstance(k, int) and 1 <= k <= codebook.shape[0]):
         raise ValueError(f"k must be an int in [1, {codebook.shape[0]}], got {k!r}")
+    if logsumexp_tau is not None:
+        logsumexp_tau = check_tau(logsumexp_tau)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if z.device != codebook.device:
@@ -109,13 +125,20 @@ def nearest_codes_triton(
     splits, per_split = code_splits(n_row_blocks, n_code_blocks, z.device)
     cand_s = torch.empty(splits, n, k, dtype=torch.float32, device=z.device)
     cand_i = torch.empty(splits, n, k, dtype=torch.long, device=z.device)
+    lse = torch.empty(splits, n, dtype=torch.float32, device=z.device) if logsumexp_tau else cand_s
     _nearest_codes_kernel[(n_row_blocks, splits)](
-        z.contiguous(), codebook.contiguous(), scales, terms, cand_s, cand_i,
-        n, n_codes, d, per_split,
+        z.contiguous(), codebook.contiguous(), scales, terms, cand_s, cand_i, lse,
+        n, n_codes, d, per_split, 1.0 / (logsumexp_tau or 1.0),
         METRIC=metric, PRECISION=precision, K_BEST=k, K_SLOTS=triton.next_power_of_2(k),
+        WITH_LSE=logsumexp_tau is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=dot_block(d, block_d), num_warps=num_warps,
     )
     cand_s = cand_s.permute(1, 0, 2).reshape(n, splits * k)  # (N, splits * k), splits in code order
     cand_i = cand_i.permute(1, 0, 2).reshape(n, splits * k)
     best_s, pos = _stable_topk(cand_s, cand_i, k)
-    return scores_to_distances(best_s, z, metric), cand_i.gather(1, pos)
+    distances = scores_to_distances(best_s, z, metric)
+    if logsumexp_tau is None:
+        return distances, cand_i.gather(1, pos)
+    # scores = c(z) - d, so logsumexp(-d / tau) = logsumexp(scores / tau) - c(z) / tau.
+    c = scores_to_distances(torch.zeros_like(best_s[:, :1]), z, metric)[:, 0]
+    return distances, cand_i.gather(1, pos), torch.logsumexp(lse, dim=0) - c / logsumexp_tau
