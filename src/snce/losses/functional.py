@@ -88,8 +88,6 @@ def _build_problem(
                 raise ValueError(f"table was built for {table.num_codes} codes, but the logits have {num_codes}")
             if tau is not None and check_tau(tau) != table.tau:
                 raise ValueError(f"tau={tau} differs from the table's tau={table.tau}; omit tau or rebuild the table")
-            if metric != table.metric:
-                raise ValueError(f"metric={metric!r} differs from the table's metric={table.metric!r}")
             table = table.to(device)
         else:
             if tau is None:
@@ -156,7 +154,7 @@ def snce_loss(
         latents: (..., D) continuous latents; None uses codebook[target] (pre-tokenized data).
         tau: temperature > 0. metric: "l2" (squared L2) | "cosine" (1 - cos) | "dot" (negative dot product).
         topk: keep the k nearest codes of each token, renormalised. table: a NeighborTable instead of
-            on-the-fly targets (latents=None only; codebook, tau and topk are then not needed).
+            on-the-fly targets (latents=None only; codebook, tau, metric and topk then come from the table).
         weight: (...) per-token weights. ignore_index: target value whose tokens contribute nothing.
         reduction: "mean" (sum of weighted losses / number of non-ignored tokens) | "sum" | "none".
         memory_budget / block_rows: size of the per-block (n, K) buffers (default 256 MiB).

@@ -1,7 +1,8 @@
 """Dense, readable SNCE: the oracle every fast path is tested and benchmarked against.
 
 Materialises the (N, K) logits, the distances and q. Written independently of the chunked code: distances
-come from ``torch.cdist`` / explicit normalisation, not from :mod:`snce.quantize.search`.
+come from ``torch.cdist`` / explicit normalisation, not from :mod:`snce.quantize.search`. Computes in the
+inputs' precision (low precision is upcast to float32): tests pass float64 inputs to get a gold value.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 def dense_distance(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
     """(N, D), (K, D) -> (N, K) d(z, e): squared L2, 1 - cosine similarity, or negative dot product."""
     if metric == "l2":
-        return torch.cdist(z, codebook, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+        return torch.cdist(z, codebook).pow(2)
     if metric == "cosine":
         return 1.0 - F.normalize(z, dim=-1) @ F.normalize(codebook, dim=-1).T
     if metric == "dot":
@@ -23,13 +24,13 @@ def dense_distance(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> torc
 
 def dense_targets(target, codebook, latents=None, *, tau, metric="l2", topk=None, table=None):
     """(N, K) soft targets q, exactly as the SNCE paper defines them."""
-    codebook = codebook.double()
+    codebook = _upcast(codebook)
     n_codes = codebook.shape[0]
     safe = target.clamp(0, n_codes - 1)  # ignored rows get a dummy code; their loss is zeroed later
     if table is not None:
-        q = torch.zeros(target.shape[0], n_codes, dtype=torch.float64, device=target.device)
-        return q.scatter_(1, table.indices[safe], table.probs[safe].double())
-    z = codebook[safe] if latents is None else latents.double()
+        q = torch.zeros(target.shape[0], n_codes, dtype=codebook.dtype, device=target.device)
+        return q.scatter_(1, table.indices[safe], table.probs[safe].to(codebook.dtype))
+    z = codebook[safe] if latents is None else _upcast(latents)
     t = -dense_distance(z, codebook, metric) / tau
     if topk is not None:
         kth = t.topk(topk, dim=1).values[:, -1:]
@@ -41,35 +42,39 @@ def snce_loss_reference(
     logits, target, *, codebook, latents=None, tau=1.0, metric="l2", topk=None, table=None,
     weight=None, ignore_index=-100, reduction="mean",
 ):
-    """-sum_k q_k log softmax(logits)_k per token, weighted, reduced. Computed in float64."""
+    """-sum_k q_k log softmax(logits)_k per token, weighted, reduced."""
     q = dense_targets(target, codebook, latents, tau=tau, metric=metric, topk=topk, table=table)
-    log_p = logits.double().log_softmax(dim=1)
+    log_p = _upcast(logits).log_softmax(dim=1)
     loss = -(q * log_p).sum(dim=1)
     return _reduce(loss, target, weight, ignore_index, reduction)
 
 
 def fused_linear_snce_loss_reference(hidden, head_weight, target, head_bias=None, **kwargs):
     """snce_loss_reference(hidden @ head_weight.T + head_bias, ...)."""
-    logits = hidden.double() @ head_weight.double().T
+    logits = _upcast(hidden) @ _upcast(head_weight).T
     if head_bias is not None:
-        logits = logits + head_bias.double()
+        logits = logits + _upcast(head_bias)
     return snce_loss_reference(logits, target, **kwargs)
 
 
 def cross_entropy_reference(logits, target, *, label_smoothing=0.0, weight=None, ignore_index=-100,
                             reduction="mean"):
-    """Hard-label CE with label smoothing and per-token weights, float64."""
-    log_p = logits.double().log_softmax(dim=1)
+    """Hard-label CE with label smoothing and per-token weights."""
+    log_p = _upcast(logits).log_softmax(dim=1)
     safe = target.clamp(0, logits.shape[1] - 1)
     nll = -log_p.gather(1, safe[:, None])[:, 0]
     loss = (1 - label_smoothing) * nll - label_smoothing * log_p.mean(dim=1)
     return _reduce(loss, target, weight, ignore_index, reduction)
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _reduce(loss, target, weight, ignore_index, reduction):
     valid = target != ignore_index
     if weight is not None:
-        loss = loss * weight.double()
+        loss = loss * weight.to(loss.dtype)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if reduction == "none":
         return loss
