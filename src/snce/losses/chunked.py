@@ -52,10 +52,22 @@ class Problem:
         for start in range(0, self.rows.numel(), self.block_rows):
             yield self.rows[start : start + self.block_rows]
 
-    def block_targets(self, rows: torch.Tensor):
-        """-> (dense teacher logits (n, K) or None, sparse indices (n, k) or None, sparse probs (n, k))."""
+    def block_buffer(self, dtype: torch.dtype, device) -> torch.Tensor:
+        """One reusable (block_rows, K) buffer: reusing it avoids page-faulting fresh memory every block."""
+        return torch.empty(min(self.block_rows, max(1, self.rows.numel())), self.num_codes, dtype=dtype,
+                           device=device)
+
+    def teacher_buffer(self) -> torch.Tensor | None:
+        if self.teacher is None:
+            return None
+        return self.block_buffer(self.teacher.dtype, self.target.device)
+
+    def block_targets(self, rows: torch.Tensor, t_buf: torch.Tensor | None):
+        """-> (dense teacher logits (n, K) or None, sparse indices (n, k) or None, sparse probs (n, k)).
+
+        t_buf: the buffer from :meth:`teacher_buffer`, overwritten with this block's teacher logits."""
         if self.teacher is not None:
-            t = self.teacher.block(rows, self.target)
+            t = self.teacher.block(rows, self.target, out=t_buf[: rows.numel()])
             if self.topk is None:
                 return t, None, None
             vals, idx = t.topk(self.topk, dim=1)
@@ -132,9 +144,11 @@ def logits_pass(logits: torch.Tensor, problem: Problem, want_grad: bool):
     dt = compute_dtype(logits.dtype)
     loss_rows = torch.zeros(logits.shape[0], dtype=dt, device=logits.device)
     grad = torch.zeros_like(logits) if want_grad else None
+    s_buf, t_buf = problem.block_buffer(dt, logits.device), problem.teacher_buffer()
     for rows in problem.blocks():
-        s = logits[rows].to(dt)  # a copy: index_select
-        t, idx, probs = problem.block_targets(rows)
+        s = s_buf[: rows.numel()]
+        s.copy_(logits[rows])
+        t, idx, probs = problem.block_targets(rows, t_buf)
         loss_rows[rows] = soft_ce_block(
             s, t, idx, probs, problem.smoothing, problem.scale[rows], want_grad
         )
@@ -156,11 +170,15 @@ def linear_pass(hidden, weight, bias, problem: Problem, scale: torch.Tensor, nee
     grad_h = torch.zeros_like(hidden) if needs_grad[0] else None
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_grad[1] else None
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs_grad[2] else None
+    s_buf, t_buf = problem.block_buffer(dt, hidden.device), problem.teacher_buffer()
     for rows in problem.blocks():
         h = hidden[rows]  # (n, H)
-        s = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)  # (n, K)
-        s = s.to(dt)  # no copy in float32/64: s is ours to overwrite
-        t, idx, probs = problem.block_targets(rows)
+        if weight.dtype == dt:  # float32/64: the logits go straight into the reused block buffer
+            out = s_buf[: rows.numel()]
+            s = torch.mm(h, weight.T, out=out) if bias is None else torch.addmm(bias, h, weight.T, out=out)
+        else:  # low precision: matmul in the input dtype, softmax work in float32
+            s = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).to(dt)
+        t, idx, probs = problem.block_targets(rows, t_buf)
         loss_rows[rows] = soft_ce_block(s, t, idx, probs, problem.smoothing, scale[rows], want_grad)
         if not want_grad:
             continue

@@ -64,10 +64,15 @@ class TeacherLogits:
         self.offsets = code_offsets(self.codes, metric)
         self.latents = None if latents is None else to_search_space(latents.detach(), metric)
 
-    def block(self, rows: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        """rows: (n,) token indices; target: (N,) codes (used when latents is None). Returns (n, K)."""
+    def block(self, rows: torch.Tensor, target: torch.Tensor | None = None, out=None) -> torch.Tensor:
+        """rows: (n,) token indices; target: (N,) codes (used when latents is None). Returns (n, K),
+        written into ``out`` when given."""
         z = self.codes[target[rows]] if self.latents is None else self.latents[rows]
-        return block_scores(z, self.codes, self.offsets, self.metric, scale=1.0 / self.tau)
+        return block_scores(z, self.codes, self.offsets, self.metric, scale=1.0 / self.tau, out=out)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.codes.dtype
 
 
 @torch.no_grad()

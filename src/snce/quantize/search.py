@@ -9,7 +9,8 @@ codes and equals ``-d(z, e_k)`` up to a constant per row (which cancels in argmi
     "dot"     -z.e                 z.e_k                        (d = -s)
 
 Scores are computed in float32 (TF32/bf16 can flip near-ties) one (rows x codes) block at a time, so no
-N x K matrix is ever held: peak extra memory is about ``max_block_bytes`` (64 MiB by default).
+N x K matrix is ever held: peak extra memory is a few ``max_block_bytes`` (16 MiB by default: blocks below
+glibc's 32 MiB mmap ceiling are recycled by malloc instead of being page-faulted in afresh every time).
 The quantizers, the SNCE targets and the NeighborTable all go through :func:`code_blocks`.
 """
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 METRICS = ("l2", "cosine", "dot")
-DEFAULT_BLOCK_BYTES = 64 * 2**20
+DEFAULT_BLOCK_BYTES = 16 * 2**20
 
 
 def check_metric(metric: str, name: str = "metric") -> str:
@@ -43,13 +44,21 @@ def code_offsets(codes: torch.Tensor, metric: str) -> torch.Tensor | None:
 
 
 def block_scores(
-    z: torch.Tensor, codes: torch.Tensor, offsets: torch.Tensor | None, metric: str, scale: float = 1.0
+    z: torch.Tensor,
+    codes: torch.Tensor,
+    offsets: torch.Tensor | None,
+    metric: str,
+    scale: float = 1.0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scores of search-space rows z (n, D) against codes (k, D), times ``scale``: (n, k) float32."""
+    """Scores of search-space rows z (n, D) against codes (k, D), times ``scale``: (n, k) float32.
+
+    ``out``: optional preallocated (n, k) buffer to write into.
+    """
     if metric == "l2":
         # scale * (2 z.e - ||e||^2) in one addmm
-        return torch.addmm(offsets, z, codes.T, beta=scale, alpha=2.0 * scale)
-    out = z @ codes.T
+        return torch.addmm(offsets, z, codes.T, beta=scale, alpha=2.0 * scale, out=out)
+    out = torch.mm(z, codes.T, out=out)
     return out.mul_(scale) if scale != 1.0 else out
 
 
@@ -147,13 +156,13 @@ def nearest_codes(
     best_i = torch.zeros((n, k), dtype=torch.long, device=z.device)
     lse = torch.full((n,), -math.inf, device=z.device, dtype=dtype) if logsumexp_tau else None
     for rows, codes, s in code_blocks(z, codebook, metric, max_block_bytes=max_block_bytes):
-        if lse is not None:
-            lse[rows] = torch.logaddexp(lse[rows], torch.logsumexp(s / logsumexp_tau, dim=1))
         if k == 1:
             s_top, i_top = s.max(dim=1, keepdim=True)
         else:
             s_top, i_top = s.topk(min(k, s.shape[1]), dim=1)
         i_top += codes.start
+        if lse is not None:  # after the top-k: s is no longer needed unscaled
+            lse[rows] = torch.logaddexp(lse[rows], torch.logsumexp(s.div_(logsumexp_tau), dim=1))
         # Running merge; earlier blocks come first so equal scores keep the lower index.
         if k == 1:
             take = s_top > best_s[rows]
