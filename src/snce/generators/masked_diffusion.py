@@ -78,6 +78,9 @@ class MaskedDiffusionConfig(GeneratorConfig):
 class MaskedDiffusionTransformer(GeneratorModel):
     """Bidirectional transformer over [class token, x_0 .. x_{N-1}] where masked tokens read ``mask_id`` = K.
 
+    Besides 2-D RoPE, image tokens get a learned absolute position embedding (as MaskGIT): when every input is
+    [MASK], relative rotations alone barely tell positions apart.
+
     >>> model = MaskedDiffusionTransformer(MaskedDiffusionConfig.preset("tiny", vocab_size=1024, grid=(8, 8)))
     >>> hidden = model(tokens_with_masks)        # (B, 8, 8) ids in [0, K] -> hidden (B, 64, H)
     """
@@ -85,6 +88,10 @@ class MaskedDiffusionTransformer(GeneratorModel):
     config_class = MaskedDiffusionConfig
     causal = False
     extra_tokens = 1  # [MASK]
+
+    def __init__(self, config: MaskedDiffusionConfig):
+        super().__init__(config)
+        self.pos_emb = torch.nn.Parameter(torch.randn(config.seq_len, config.dim) * config.init_std)
 
     @property
     def mask_id(self) -> int:
@@ -98,7 +105,7 @@ class MaskedDiffusionTransformer(GeneratorModel):
 
     def hidden(self, tokens: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Unchecked forward for the sampler: valid (B, N) ids and label ids (null class allowed)."""
-        x = torch.cat([self.class_prefix(classes), self.tok_emb(tokens)], dim=1)
+        x = torch.cat([self.class_prefix(classes), self.tok_emb(tokens) + self.pos_emb], dim=1)
         return self.run(x)[:, 1:]
 
     def corrupt(self, tokens: torch.Tensor, generator: torch.Generator | None = None):

@@ -103,7 +103,7 @@ class TokenLoss:
         self.metric = config.metric or metric
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS} (loss.metric or the tokenizer's), got {self.metric!r}")
-        self.codebook = codebook.detach().float()
+        self.codebook = codebook.detach().to(_at_least_fp32(codebook.dtype))
         base = config.tau if config.tau is not None else suggest_tau(self.codebook, self.metric)
         self.tau = float(base) * config.tau_scale
         if config.targets == "codes" and config.topk is not None:
@@ -146,7 +146,7 @@ class TokenLoss:
         if cfg.targets == "latents":
             if latents is None:
                 raise ValueError("loss.targets='latents' but the batch holds no latents")
-            latents = latents.float()
+            latents = latents.to(_at_least_fp32(latents.dtype))
         else:
             latents = None
         if self.table is not None:
@@ -158,6 +158,10 @@ class TokenLoss:
             hidden, head_weight, target, codebook=self.codebook, latents=latents, tau=self.tau,
             metric=self.metric, topk=cfg.topk, weight=weight, reduction=reduction, memory_budget=self.memory_budget,
         )
+
+
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
