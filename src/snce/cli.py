@@ -124,9 +124,114 @@ def _fmt(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
 
 
+# ------------------------------------------------------------------------------------------- generators
+
+
+def add_generator_commands(sub) -> None:
+    group = sub.add_parser("generator", help="train autoregressive / masked-diffusion generators on token shards")
+    actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+    train = actions.add_parser("train", help="train a generator with CE or SNCE (single process or torchrun)")
+    add_config_args(train, config_required=True)
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    train.set_defaults(func=generator_train)
+
+    smp = sub.add_parser("sample", help="sample a trained generator, decode with its tokenizer, save a PNG grid")
+    smp.add_argument("--checkpoint", required=True, help="a run directory or its generator/ directory")
+    smp.add_argument("--tokenizer", help="tokenizer directory (default: the one recorded at training time)")
+    smp.add_argument("--classes", type=int, nargs="+", help="class ids to sample (default: every class)")
+    smp.add_argument("--num", type=int, help="number of samples (classes repeat to fill it)")
+    smp.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the run's)")
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--out", help="PNG grid to write")
+    smp.add_argument("--npz", help="also write tokens, labels and uint8 images (N, H, W, C) to this .npz")
+    smp.add_argument("--batch-size", type=int, default=64)
+    smp.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    smp.add_argument("--overwrite", action="store_true", help="replace existing --out / --npz files")
+    smp.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="sampling setting, e.g. --set temperature=0.9 --set top_k=100 --set steps=12",
+    )  # fmt: skip
+    smp.set_defaults(func=sample_command)
+
+
+def generator_train(args) -> int:
+    from snce.config import load_config
+    from snce.train.generator import GeneratorRunConfig, train_generator
+
+    cfg = load_config(GeneratorRunConfig, args.config, args.overrides)
+    try:
+        model = train_generator(cfg, resume=args.resume)
+    except ValueError as e:  # inputs that do not fit together (tokenizer hash, latents, classes)
+        print(f"snce: error: {e}", file=sys.stderr)
+        return 2
+    if model is not None:
+        print(f"generator ({model.num_params():,} parameters) saved to {Path(cfg.train.out_dir) / 'generator'}")
+    return 0
+
+
+def sample_command(args) -> int:
+    import numpy as np
+    import torch
+
+    from snce.config import apply_override, parse_override
+    from snce.train.distributed import resolve_device
+    from snce.train.generator import SampleConfig, load_for_sampling, sample_images
+    from snce.train.images import save_image_grid
+
+    if not (args.out or args.npz):
+        raise ConfigError("", "give --out grid.png and/or --npz samples.npz")
+    for path in (args.out, args.npz):
+        if path and Path(path).exists() and not args.overwrite:
+            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    try:
+        device = resolve_device(args.device)
+        model, tokenizer, run = load_for_sampling(args.checkpoint, args.tokenizer, device)
+        data = dict(run.get("sample", {}))
+        if args.cfg is not None:
+            data["cfg_scale"] = args.cfg
+        for item in args.overrides:
+            apply_override(data, SampleConfig, *parse_override(item))
+        settings = SampleConfig.from_dict(data)
+        n_cls = model.config.num_classes
+        classes = None
+        if n_cls > 0:
+            base = torch.tensor(args.classes) if args.classes else torch.arange(n_cls)
+            model.check_classes(base)
+            classes = base.repeat(-(-(args.num or len(base)) // len(base)))[: args.num or len(base)]
+        elif args.classes:
+            raise ValueError("--classes given, but the generator is unconditional (num_classes=0)")
+        if settings.cfg_scale is not None and n_cls == 0:
+            raise ValueError("--cfg needs a class-conditional generator; this one has num_classes=0")
+        if args.out and tokenizer is None:
+            raise ValueError("--out needs a tokenizer to decode the samples (--tokenizer DIR)")
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        tokens, images = sample_images(
+            model, tokenizer, classes, settings, num_samples=args.num or 16, batch_size=args.batch_size,
+            generator=gen,
+        )  # fmt: skip
+    except ValueError as e:
+        print(f"snce: error: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        save_image_grid(images, args.out, nrow=len(args.classes) if args.classes else None, scale=4)
+        print(f"wrote {len(tokens)} samples to {args.out}")
+    if args.npz:
+        arrays = {"tokens": tokens.numpy().astype(np.int32)}
+        if classes is not None:
+            arrays["labels"] = classes.numpy()
+        if images is not None:
+            pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            arrays["images"] = pixels.numpy()
+        tmp = Path(args.npz).with_name(f".{Path(args.npz).name}.tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(args.npz)
+        print(f"wrote {len(tokens)} samples to {args.npz}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- entry
 
-COMMAND_GROUPS = [add_tokenizer_commands]
+COMMAND_GROUPS = [add_tokenizer_commands, add_generator_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

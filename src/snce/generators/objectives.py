@@ -232,3 +232,23 @@ def validation_loss(
         count += target.numel()
     core.train(was_training)
     return total / max(count, 1)
+
+
+class GeneratorObjective:
+    """``loss_fn(model, batch, step) -> (loss, logs)`` in the form ``snce.train.Trainer`` takes.
+
+    Batches are token-shard items collated: ``{"indices": (B, N), "label": (B,)[, "latents": (B, N, D)]}``;
+    labels are used when the model is class-conditional, latents when the loss asks for them.
+    """
+
+    def __init__(self, loss: TokenLoss):
+        if not isinstance(loss, TokenLoss):
+            raise TypeError(f"loss must be a TokenLoss, got {type(loss).__name__}")
+        self.loss = loss
+
+    def __call__(self, model, batch: dict, step: int):
+        tokens = batch["indices"]
+        self.loss.to(tokens.device)
+        classes = batch["label"] if unwrap(model).config.num_classes > 0 else None
+        latents = batch.get("latents") if self.loss.config.targets == "latents" else None
+        return generator_loss(model, tokens, classes, self.loss, latents), {}
