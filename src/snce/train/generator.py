@@ -16,7 +16,6 @@ loss and sampling defaults).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -261,7 +260,7 @@ def load_for_sampling(checkpoint: str, tokenizer: str | None = None, device="cpu
     path recorded at training time; its codebook hash must equal the one the generator was trained on.
     """
     path = Path(checkpoint)
-    if not (path / "config.json").is_file() and (path / "generator" / "config.json").is_file():
+    if (path / "generator" / "model.safetensors").is_file():  # a run directory
         path = path / "generator"
     model = load_generator(path, map_location="cpu").to(device).eval()
     run_file = path / RUN_FILE
@@ -281,7 +280,3 @@ def load_for_sampling(checkpoint: str, tokenizer: str | None = None, device="cpu
         if tok.codebook_size != model.config.vocab_size:
             raise ValueError(f"tokenizer has {tok.codebook_size} codes, the generator predicts {model.config.vocab_size}")
     return model, tok, run
-
-
-def grid_rows(n: int) -> int:
-    return max(1, math.isqrt(n))
