@@ -74,6 +74,7 @@ class TrainConfig(Config):
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     weight_decay: float = 0.0  # applied to >= 2-D parameters only
     betas: tuple[float, float] = (0.9, 0.99)
+    adam_eps: float = 1e-8  # AdamW epsilon
     grad_clip: float | None = 1.0  # max global grad norm; null = no clipping
     ema_decay: float | None = None  # e.g. 0.999; null = no EMA
     amp: bool = True  # bf16 autocast, on CUDA only (CPU always runs fp32)
@@ -107,6 +108,8 @@ class TrainConfig(Config):
             raise ConfigError("min_lr_ratio", f"must lie in [0, 1], got {self.min_lr_ratio}")
         if self.weight_decay < 0:
             raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if not self.adam_eps > 0:
+            raise ConfigError("adam_eps", f"must be > 0, got {self.adam_eps}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ConfigError("betas", f"must lie in [0, 1), got {list(self.betas)}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -264,7 +267,7 @@ class Trainer:
             {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps)
         self.ema = (
             {n: p.detach().float().clone() for n, p in params}
             if cfg.ema_decay is not None
