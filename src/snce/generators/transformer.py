@@ -203,6 +203,7 @@ class Attention(nn.Module):
             cache.k[layer][:, :, start : start + L] = k
             cache.v[layer][:, :, start : start + L] = v
             k, v = cache.k[layer][:, :, : start + L], cache.v[layer][:, :, : start + L]
+            q = q.to(k.dtype)  # under autocast q is bf16 while the cache keeps the weights' dtype
             if causal and start > 0:  # queries at start..start+L-1 see keys up to their own position
                 is_causal = False
                 mask = torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start) if L > 1 else None
