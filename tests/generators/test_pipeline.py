@@ -114,3 +114,17 @@ def test_sample_rejects_bad_classes_and_other_tokenizer(inputs, tmp_path, capsys
     assert "class ids must lie in [0, 3)" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(out), "--tokenizer", str(inputs / "other_tok"), "--out", grid]) == 2
     assert "not the one this generator was trained on" in capsys.readouterr().err
+
+
+def test_shipped_configs_load(inputs):
+    from pathlib import Path
+
+    from snce.generators import FAMILIES
+
+    files = sorted(Path(__file__).parents[2].glob("configs/generator/*.yaml"))
+    assert len(files) >= 4
+    for path in files:
+        cfg = load_config(GeneratorRunConfig, path, [f"shards={inputs / 'shards'}", f"tokenizer={inputs / 'tok'}"])
+        arch = FAMILIES[cfg.family].config_class.preset(cfg.preset, vocab_size=K, grid=(2, 2), num_classes=3,
+                                                        **cfg.model)
+        assert arch.family == cfg.family
