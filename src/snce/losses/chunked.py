@@ -24,7 +24,7 @@ import torch
 from snce.losses.targets import TeacherLogits
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for the per-block (n, K) buffers
-CACHE_BLOCK_BYTES = 4 * 2**20  # elementwise sub-blocks: roughly one L2/L3 slice
+CACHE_BLOCK_BYTES = 16 * 2**20  # elementwise sub-blocks (2 row buffers) stay in the last-level cache
 
 
 @dataclass
@@ -80,7 +80,8 @@ class Problem:
 
 
 def block_rows_for(num_codes: int, memory_budget: int | None, block_rows: int | None) -> int:
-    """Rows per block: ``block_rows`` if given, else what fits two float32 (n, K) buffers in the budget."""
+    """Rows per block: ``block_rows`` if given, else what fits two float32 (n, K) buffers (student and
+    teacher logits) in the budget."""
     if block_rows is not None:
         if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
             raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
@@ -91,41 +92,42 @@ def block_rows_for(num_codes: int, memory_budget: int | None, block_rows: int | 
     return max(1, budget // (2 * 4 * num_codes))
 
 
-def soft_ce_block(s, t, idx, probs, smoothing, scale, want_grad) -> torch.Tensor:
+def soft_ce_block(s, t, idx, probs, smoothing, want_grad) -> torch.Tensor:
     """Soft cross-entropy of one row block, in place.
 
     s: (n, K) student logits (float32/64, overwritten). Target q is either dense: t (n, K) teacher logits
-    (overwritten), q = softmax(t); or sparse: (1 - smoothing) * sum_j probs_j onehot(idx_j) + smoothing / K.
-    scale: (n,) gradient factors. Returns loss (n,); if ``want_grad``, s then holds scale * (softmax(s) - q).
+    (overwritten by q = softmax(t)); or sparse: (1 - smoothing) * sum_j probs_j onehot(idx_j) + smoothing / K.
+    Returns loss (n,); if ``want_grad``, s then holds the unscaled gradient softmax(s) - q.
+
+    Two exponential passes in all (torch's fused softmax kernel, in place, on t and on s). The student's
+    log-normaliser comes for free from p = softmax(s): at the row's argmax p_max = 1 / sum_k exp(s_k - max),
+    so logsumexp(s) = max(s) - log(p_max). Sub-blocks stay in the last-level cache.
     """
     n, num_codes = s.shape
-    sub = max(1, CACHE_BLOCK_BYTES // (num_codes * s.element_size() * (1 if t is None else 2)))
+    sub = max(1, min(n, CACHE_BLOCK_BYTES // (2 * num_codes * s.element_size())))
     loss = s.new_empty(n)
     for a in range(0, n, sub):
         b = min(n, a + sub)
         sb = s[a:b]
-        sb.sub_(sb.amax(dim=1, keepdim=True))  # shift; the loss is shift invariant
+        s_max = sb.amax(dim=1)
         if t is not None:
             tb = t[a:b]
-            tb.sub_(tb.amax(dim=1, keepdim=True)).exp_()  # unnormalised q
-            t_norm = tb.sum(dim=1)
-            target_term = torch.bmm(tb.unsqueeze(1), sb.unsqueeze(2)).view(-1) / t_norm  # sum_k q_k s_k
+            torch.ops.aten._softmax.out(tb, 1, False, out=tb)  # q, in place (row-wise kernel)
+            target_term = torch.bmm(tb.unsqueeze(1), sb.unsqueeze(2)).view(-1)  # sum_k q_k s_k
         else:
             ib, pb = idx[a:b], probs[a:b].to(s.dtype)
             target_term = (pb * sb.gather(1, ib)).sum(dim=1)
             if smoothing:
                 target_term = (1 - smoothing) * target_term + smoothing * sb.mean(dim=1)
-        s_norm = sb.exp_().sum(dim=1)
-        loss[a:b] = s_norm.log() - target_term
+        torch.ops.aten._softmax.out(sb, 1, False, out=sb)  # p, in place
+        loss[a:b] = s_max - sb.amax(dim=1).log() - target_term  # logsumexp(s) - sum_k q_k s_k
         if want_grad:
-            c = scale[a:b, None].to(s.dtype)
-            sb.mul_(c / s_norm[:, None])  # scale * softmax(s)
             if t is not None:
-                sb.sub_(tb.mul_(c / t_norm[:, None]))
+                sb.sub_(tb)
             else:
-                sb.scatter_add_(1, ib, -(1 - smoothing) * c * pb)
+                sb.scatter_add_(1, ib, pb * -(1 - smoothing))
                 if smoothing:
-                    sb.sub_(c * (smoothing / num_codes))
+                    sb.sub_(smoothing / num_codes)
     return loss
 
 
@@ -149,11 +151,9 @@ def logits_pass(logits: torch.Tensor, problem: Problem, want_grad: bool):
         s = s_buf[: rows.numel()]
         s.copy_(logits[rows])
         t, idx, probs = problem.block_targets(rows, t_buf)
-        loss_rows[rows] = soft_ce_block(
-            s, t, idx, probs, problem.smoothing, problem.scale[rows], want_grad
-        )
+        loss_rows[rows] = soft_ce_block(s, t, idx, probs, problem.smoothing, want_grad)
         if want_grad:
-            grad[rows] = s.to(grad.dtype)
+            grad.index_copy_(0, rows, s.mul_(problem.scale[rows, None].to(dt)).to(grad.dtype))
     return loss_rows, grad
 
 
@@ -179,18 +179,17 @@ def linear_pass(hidden, weight, bias, problem: Problem, scale: torch.Tensor, nee
         else:  # low precision: matmul in the input dtype, softmax work in float32
             s = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).to(dt)
         t, idx, probs = problem.block_targets(rows, t_buf)
-        loss_rows[rows] = soft_ce_block(s, t, idx, probs, problem.smoothing, scale[rows], want_grad)
+        loss_rows[rows] = soft_ce_block(s, t, idx, probs, problem.smoothing, want_grad)
         if not want_grad:
             continue
+        # s = softmax - q (unscaled); the per-token factor c is applied on the (n, H) side, not on (n, K).
+        c = scale[rows, None].to(dt)  # (n, 1)
         if grad_h is not None:
-            grad_h[rows] = (s.to(weight.dtype) @ weight).to(grad_h.dtype)
+            grad_h[rows] = (c * (s.to(weight.dtype) @ weight)).to(grad_h.dtype)
         if grad_w is not None:
-            if acc == weight.dtype:
-                grad_w.addmm_(s.T, h)
-            else:
-                grad_w.addmm_(s.T, h.to(acc))
+            grad_w.addmm_(s.T, (c * h).to(acc))
         if grad_b is not None:
-            grad_b += s.sum(dim=0).to(acc)
+            grad_b.addmv_(s.T, c[:, 0].to(acc))
     cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
     return loss_rows, (grad_h, cast(grad_w, weight), cast(grad_b, bias) if bias is not None else None)
 
@@ -210,7 +209,7 @@ class _SoftCrossEntropy(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
             return grad * grad_out[:, None].to(grad.dtype), None
-        return grad * grad_out.to(grad.dtype), None
+        return scaled(grad, grad_out), None
 
 
 class _FusedLinearSoftCrossEntropy(torch.autograd.Function):
@@ -238,8 +237,15 @@ class _FusedLinearSoftCrossEntropy(torch.autograd.Function):
             scale = ctx.problem.scale * grad_out.to(ctx.problem.scale.dtype)
             _, grads = linear_pass(hidden, weight, bias, ctx.problem, scale, ctx.needs)
             return (*grads, None)
-        grads = [g * grad_out.to(g.dtype) if has else None for g, has in zip(ctx.saved_tensors, ctx.has)]
+        grads = [scaled(g, grad_out) if has else None for g, has in zip(ctx.saved_tensors, ctx.has)]
         return (*grads, None)
+
+
+def scaled(grad: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """grad * grad_out for a scalar upstream gradient, without a copy in the usual case grad_out == 1."""
+    if torch.equal(grad_out, torch.ones_like(grad_out)):
+        return grad
+    return grad * grad_out.to(grad.dtype)
 
 
 def mean_scale(target, weight, ignore_index, reduction, dtype) -> torch.Tensor:

@@ -41,6 +41,7 @@ from snce.losses.kernels.tiles import (
     row_scales,
     student_precision,
     student_tile,
+    teacher_precision,
     teacher_tile,
 )
 from snce.losses.targets import check_finite, check_tau
@@ -57,8 +58,9 @@ class KernelConfig:
     backward: "gemm" (a Triton kernel writes d loss / d logits for chunks of ``chunk_bytes`` and cuBLAS does
         the two gradient matmuls) or "atomic" (each tile adds its gradients with float32 atomics, CCE-style).
     filter_eps: "atomic" only: skip tiles where all p and q are < filter_eps (gradient filtering; 0 = exact).
-    teacher_precision: tl.dot precision of the float32 teacher matmul: "auto" ("ieee" when the student is
-        float32, else "tf32", exact for bf16/fp16 codebooks and latents), "ieee", "tf32" or "tf32x3".
+    teacher_precision: the teacher matmul's precision, see :func:`tiles.teacher_precision`: "auto" ("native"
+        for bf16/fp16 latents and codebook, else "ieee" when the student is float32 and "tf32" otherwise),
+        "native", "ieee", "tf32" or "tf32x3".
     """
 
     block_n: int = 64
@@ -85,10 +87,9 @@ class KernelConfig:
         if self.filter_eps > 0 and self.backward != "atomic":
             raise ValueError("KernelConfig.filter_eps > 0 needs backward='atomic' (the gemm backward always "
                              f"computes every tile), got backward={self.backward!r}")
-        if self.teacher_precision not in ("auto", *PRECISIONS):
-            raise ValueError(
-                f"KernelConfig.teacher_precision must be 'auto' or one of {PRECISIONS}, got {self.teacher_precision!r}"
-            )
+        if self.teacher_precision not in ("auto", "native", *PRECISIONS):
+            raise ValueError(f"KernelConfig.teacher_precision must be 'auto', 'native' or one of {PRECISIONS}, "
+                             f"got {self.teacher_precision!r}")
 
 
 @triton.jit
@@ -271,12 +272,6 @@ def _atomic_backward_kernel(
                               mask=code_mask[:, None] & h_mask[None, :], sem="relaxed")
 
 
-def _teacher_precision(config: KernelConfig, hidden: torch.Tensor) -> str:
-    if config.teacher_precision != "auto":
-        return config.teacher_precision
-    return "ieee" if hidden.dtype == torch.float32 else "tf32"
-
-
 class LinearSNCEFunction(torch.autograd.Function):
     """Per-token SNCE loss (N,) float32 of the linear head; zero for ignored tokens. Weights and reduction
     are applied outside (plain torch on (N,) tensors), so the backward receives one coefficient per token."""
@@ -294,7 +289,9 @@ class LinearSNCEFunction(torch.autograd.Function):
         meta = dict(
             HAS_BIAS=head_bias is not None, Z_FROM_CODES=latents is None, METRIC=metric,
             STUDENT_PRECISION=student_precision(hidden.dtype),
-            TEACHER_PRECISION=_teacher_precision(config, hidden), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            TEACHER_PRECISION=teacher_precision(config.teacher_precision, z.dtype, codebook.dtype,
+                                                exact=hidden.dtype == torch.float32),
+            BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             BLOCK_H=dot_block(h, config.block_h), BLOCK_D=dot_block(d, config.block_d),
             num_warps=config.num_warps, num_stages=config.num_stages,
         )

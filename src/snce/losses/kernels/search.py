@@ -21,6 +21,7 @@ from snce.losses.kernels.tiles import (
     code_terms,
     dot_block,
     row_scales,
+    teacher_precision,
     teacher_tile,
 )
 from snce.losses.targets import check_tau
@@ -88,7 +89,7 @@ def nearest_codes_triton(
     k: int = 1,
     *,
     logsumexp_tau: float | None = None,
-    precision: str = "ieee",
+    precision: str = "auto",
     block_n: int = 64,
     block_k: int = 64,
     block_d: int = 64,
@@ -99,8 +100,9 @@ def nearest_codes_triton(
     Args:
         z: (N, D) latents. codebook: (K, D). metric: "l2" | "cosine" | "dot". k: 1 <= k <= K.
         logsumexp_tau: if given, also return logsumexp_k(-d(z, e_k) / tau) over all codes, (N,).
-        precision: tl.dot input precision for float32 operands: "ieee" (exact float32, the default; TF32
-            can flip near-ties), "tf32" or "tf32x3".
+        precision: the score matmul's precision (:func:`tiles.teacher_precision`): "auto" (exact: "native" for
+            bf16/fp16 latents and codebook of one dtype, else "ieee"), "native", "ieee", "tf32" or "tf32x3"
+            (TF32 can flip near-ties).
         block_n, block_k, block_d: tile sizes (powers of two, >= 16).
     Returns:
         distances (N, k) float32 ascending, indices (N, k) long [, log-normalizer (N,) float32].
@@ -111,8 +113,9 @@ def nearest_codes_triton(
         raise ValueError(f"k must be an int in [1, {codebook.shape[0]}], got {k!r}")
     if logsumexp_tau is not None:
         logsumexp_tau = check_tau(logsumexp_tau)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in ("auto", "native", *PRECISIONS):
+        raise ValueError(f"precision must be 'auto', 'native' or one of {PRECISIONS}, got {precision!r}")
+    precision = teacher_precision(precision, z.dtype, codebook.dtype, exact=True)
     if z.device != codebook.device:
         raise ValueError(f"latents and codebook must be on one device, got {z.device} and {codebook.device}")
     if not (z.is_cuda or interpreting()):

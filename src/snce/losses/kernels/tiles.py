@@ -21,7 +21,8 @@ import triton.language as tl
 from snce.quantize.search import check_metric
 
 NORM_EPS = 1e-12  # F.normalize's eps, as in search.to_search_space
-PRECISIONS = ("ieee", "tf32", "tf32x3")
+PRECISIONS = ("ieee", "tf32", "tf32x3")  # tl.dot input precisions of float32 operands
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def code_terms(codebook: torch.Tensor, metric: str) -> torch.Tensor:
@@ -54,6 +55,23 @@ def student_precision(dtype: torch.dtype) -> str:
     """tl.dot precision of the student matmuls: exact "ieee" for float32 (torch's default on CUDA), else the
     backend default (bf16/fp16 operands are multiplied exactly either way, accumulated in float32)."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def teacher_precision(requested: str, z_dtype: torch.dtype, e_dtype: torch.dtype, exact: bool) -> str:
+    """Resolve the teacher matmul's precision ("auto" | "native" | "ieee" | "tf32" | "tf32x3").
+
+    "native" multiplies bf16/fp16 latents and codes in their own dtype on the tensor cores: the products are
+    exact and the sum is float32, so it equals the float32 scores of :mod:`snce.quantize.search` up to summation
+    order, at half the shared memory and registers. "auto" takes it when latents and codebook share one
+    low-precision dtype; otherwise float32 operands with "ieee" (``exact``) or "tf32".
+    """
+    native_ok = z_dtype == e_dtype and z_dtype in LOW_PRECISION
+    if requested == "native" and not native_ok:
+        raise ValueError(f"teacher precision 'native' needs latents and codebook of one dtype among {LOW_PRECISION}, "
+                         f"got {z_dtype} and {e_dtype}")
+    if requested != "auto":
+        return requested
+    return "native" if native_ok else ("ieee" if exact else "tf32")
 
 
 def dot_block(size: int, cap: int) -> int:
@@ -104,14 +122,18 @@ def teacher_tile(
 ):
     """(BLOCK_N, BLOCK_K) float32 scores s(z[z_rows], e[codes]) of the module docstring; z (., D), e (K, D).
 
-    row_scale (BLOCK_N,) and code_term (BLOCK_K,) are the loaded per-row / per-code terms.
+    row_scale (BLOCK_N,) and code_term (BLOCK_K,) are the loaded per-row / per-code terms. PRECISION: as
+    resolved by :func:`teacher_precision`.
     """
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         z = tl.load(z_ptr + z_rows[:, None] * D + ds[None, :], mask=row_mask[:, None] & (ds < D)[None, :], other=0.0)
         e = tl.load(e_ptr + codes[:, None] * D + ds[None, :], mask=code_mask[:, None] & (ds < D)[None, :], other=0.0)
-        acc = tl.dot(z.to(tl.float32), tl.trans(e.to(tl.float32)), acc, input_precision=PRECISION)
+        if PRECISION == "native":
+            acc = tl.dot(z, tl.trans(e), acc)
+        else:
+            acc = tl.dot(z.to(tl.float32), tl.trans(e.to(tl.float32)), acc, input_precision=PRECISION)
     if METRIC == "l2":
         acc = 2.0 * acc + code_term[None, :]
     elif METRIC == "cosine":
