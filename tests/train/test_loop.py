@@ -13,7 +13,7 @@ import torch
 from _tiny import make_cfg, mse_loss, tiny_dataset, tiny_model
 
 from snce.config import ConfigError
-from snce.train import Callback, ImageCallback, TrainConfig, Trainer, latest_checkpoint
+from snce.train import Callback, ImageCallback, StepSampler, TrainConfig, Trainer, latest_checkpoint
 
 
 class Kill(Callback):
@@ -132,3 +132,18 @@ def test_batch_size_errors_name_the_key(tmp_path):
         Trainer(tiny_model(), mse_loss, tiny_dataset(n=4), make_cfg(tmp_path, batch_size=16))
     with pytest.raises(ConfigError, match="'lr': must be > 0"):
         TrainConfig.from_dict({"lr": 0})
+
+
+def test_ranks_split_the_single_process_batches():
+    """Rank r's j-th micro-batch of size B/W, over all ranks, is the single process's j-th batch of size B."""
+    n, b, w = 23, 6, 3
+    single = list(StepSampler(n, 0, 1, seed=5))
+    ranks = [list(StepSampler(n, r, w, seed=5)) for r in range(w)]
+    for j in range(n // b):
+        union = sorted(i for r in range(w) for i in ranks[r][j * b // w : (j + 1) * b // w])
+        assert union == sorted(single[j * b : (j + 1) * b])
+    sampler = StepSampler(n, 1, w, seed=5)
+    sampler.set_position(epoch=0, start=2)
+    assert list(sampler) == ranks[1][2:] and len(sampler) == len(ranks[1]) - 2
+    sampler.set_position(epoch=1, start=0)
+    assert list(sampler) != ranks[1]  # a new permutation each epoch

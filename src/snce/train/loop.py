@@ -123,11 +123,13 @@ class TrainConfig(Config):
 class StepSampler(Sampler[int]):
     """This rank's sample indices for one epoch, starting ``start`` samples in (see the module docstring)."""
 
-    def __init__(
-        self, num_samples: int, rank: int, world_size: int, seed: int, shuffle: bool = True
-    ):
-        self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
+    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int):
+        self.num_samples, self.rank, self.world_size, self.seed = (
+            num_samples,
+            rank,
+            world_size,
+            seed,
+        )
         self.per_rank = num_samples // world_size
         self.epoch, self.start = 0, 0
 
@@ -135,11 +137,8 @@ class StepSampler(Sampler[int]):
         self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_samples, generator=g)
-        else:
-            order = torch.arange(self.num_samples)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g)
         mine = order[: self.per_rank * self.world_size][self.rank :: self.world_size]
         return iter(mine[self.start :].tolist())
 
