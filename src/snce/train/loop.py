@@ -168,13 +168,8 @@ class ImageCallback(Callback):
         nrow: int | None = None,
         scale: int = 1,
     ):
-        self.every, self.make_images, self.name, self.nrow, self.scale = (
-            every,
-            make_images,
-            name,
-            nrow,
-            scale,
-        )
+        self.every, self.make_images = every, make_images
+        self.name, self.nrow, self.scale = name, nrow, scale
 
     def on_step(self, trainer: Trainer, step: int) -> None:
         due = step == trainer.cfg.steps or (self.every > 0 and step % self.every == 0)
