@@ -128,3 +128,24 @@ def test_shipped_configs_load(inputs):
         arch = FAMILIES[cfg.family].config_class.preset(cfg.preset, vocab_size=K, grid=(2, 2), num_classes=3,
                                                         **cfg.model)
         assert arch.family == cfg.family
+
+
+@pytest.mark.slow  # the loop's own resume test runs by default (tests/train); this one is for generator runs
+def test_resume_after_a_checkpoint_equals_an_uninterrupted_run(inputs, tmp_path):
+    from safetensors.torch import load_file
+
+    def run(out, steps, resume=False):
+        path = _config(inputs, out, val_shards="", **{"train.steps": steps, "train.image_every": 0,
+                                                      "train.schedule": "constant",  # LR(step) must not depend on steps
+                                                      "model": {"dim": 32, "n_layers": 1, "n_heads": 2,
+                                                                "class_dropout": 0.3, "dropout": 0.1}})
+        args = ["generator", "train", "--config", str(path)] + (["--resume"] if resume else [])
+        assert main(args) == 0
+        return load_file(str(out / "generator" / "model.safetensors"))
+
+    full = run(tmp_path / "full", 4)
+    run(tmp_path / "part", 2)
+    resumed = run(tmp_path / "part", 4, resume=True)  # same out_dir, --set train.steps=4 --resume
+    assert full.keys() == resumed.keys()
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=0)

@@ -2,6 +2,24 @@
 
 Models return hidden states; the loss (``objectives``) and the samplers (``sampling``) use ``model.head_weight``.
 Nothing here imports the tokenizer or the training loop: decoding samples to images happens in the caller.
+
+Python API in a few lines (tokens: (B, h, w) code indices, classes: (B,) labels, codebook: the tokenizer's
+``quantizer.codebook`` and metric)::
+
+    from snce.generators import build_generator, sample
+    from snce.generators.objectives import LossConfig, TokenLoss, generator_loss, validation_loss
+
+    model = build_generator("masked_diffusion", "tiny", vocab_size=K, grid=(4, 4), num_classes=10)
+    loss = TokenLoss(LossConfig(kind="snce", tau_scale=1.0), codebook, metric)    # or LossConfig(kind="ce")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(N):                                                   # or snce.train.Trainer with
+        opt.zero_grad()                                                     # GeneratorObjective(loss)
+        generator_loss(model, tokens[idx], classes[idx], loss).backward()
+        opt.step()
+    nll = validation_loss(model, val_tokens, val_classes, TokenLoss(LossConfig(kind="ce")))   # nats / token
+    grid = sample(model, torch.arange(10), cfg_scale=2.0, steps=8)          # (10, 4, 4) -> tokenizer.decode
+
+Full runs on token shards (checkpoints, EMA, resume, DDP, sample grids): ``snce.train.generator``.
 """
 
 import json
