@@ -93,12 +93,6 @@ class Config:
             raise ConfigError(f"{prefix}{e.key}", str(e).split(": ", 1)[-1]) from None
         return obj
 
-    def replace(self: C, **changes) -> C:
-        """A copy with some fields changed, re-validated."""
-        return type(self).from_dict(
-            {**self.to_dict(), **{k: _plain(v) for k, v in changes.items()}}
-        )
-
     def save_json(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 

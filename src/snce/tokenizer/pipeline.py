@@ -22,12 +22,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from snce.config import Config, ConfigError, atomic_write_text
+from snce.config import Config, ConfigError, apply_override, atomic_write_text, parse_override
 from snce.data import DataConfig, ShardManifest, ShardWriter, build_dataset
 from snce.quantize import codebook_usage
 from snce.tokenizer.losses import LossConfig, TokenizerObjective
 from snce.tokenizer.model import Tokenizer, TokenizerConfig
-from snce.train import ImageCallback, TrainConfig, Trainer, cleanup_distributed
+from snce.train import ImageCallback, TrainConfig, Trainer
 from snce.train.distributed import resolve_device
 
 DATA_FILE = "data.json"
@@ -76,7 +76,10 @@ def tokenizer_loss(model, batch, step):
 def train_tokenizer(cfg: TokenizerRunConfig, *, resume: bool = False) -> Tokenizer:
     """Train a tokenizer as ``cfg`` says; writes the run directory and returns the tokenizer (eval mode).
 
-    Works single-process and under torchrun (rank 0 writes the files).
+    Works single-process and under torchrun: rank 0 writes the files and gets the tokenizer, other ranks
+    get None. The process group stays up (the caller may go on; ``cleanup_distributed`` ends it).
+    To train a missing run or finish an interrupted one, pass
+    ``resume=latest_checkpoint(cfg.train.out_dir) is not None``.
     """
     dataset = build_dataset(cfg.data, split="train")
     torch.manual_seed(cfg.train.seed)
@@ -114,19 +117,15 @@ def train_tokenizer(cfg: TokenizerRunConfig, *, resume: bool = False) -> Tokeniz
         with trainer.eval_weights() as model:
             model.tokenizer.save_pretrained(out / "tokenizer")
         cfg.data.save_json(out / "tokenizer" / DATA_FILE)
-    result = Tokenizer.from_pretrained(out / "tokenizer") if trainer.dist.is_main else None
-    cleanup_distributed()
-    return result
+    return Tokenizer.from_pretrained(out / "tokenizer") if trainer.dist.is_main else None
 
 
 def load_data_config(tokenizer_dir: str | os.PathLike, overrides=()) -> DataConfig:
     """The data a tokenizer was trained on (``data.json`` beside it), with ``data.*`` overrides."""
-    from snce.config import apply_override
-
     path = Path(tokenizer_dir) / DATA_FILE
     data = {"data": json.loads(path.read_text())} if path.is_file() else {}
     for item in overrides:
-        key, _, value = item.partition("=")
+        key, value = parse_override(item)
         if not key.startswith("data."):
             raise ConfigError(key, "only data.* keys can be set here")
         apply_override(data, _DataSection, key, value)
