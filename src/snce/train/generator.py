@@ -16,6 +16,7 @@ loss and sampling defaults).
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -174,7 +175,7 @@ def sample_images(
     """Sample tokens in batches and decode them: returns (tokens (B, h, w), images (B, C, H, W) in [-1, 1]).
 
     ``tokenizer`` may be None (then images is None). ``classes`` (B,) for a conditional model, else
-    ``num_samples``.
+    ``num_samples``. On CUDA the transformer runs under bf16 autocast (logits and sampling stay float32).
     """
     device = model.head_weight.device
     total = num_samples if classes is None else len(classes)
@@ -183,7 +184,8 @@ def sample_images(
     for start in range(0, total, batch_size):
         n = min(batch_size, total - start)
         c = None if classes is None else torch.as_tensor(classes[start : start + n], device=device)
-        t = sample(model, c, num_samples=None if c is not None else n, generator=generator, **kwargs)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
+            t = sample(model, c, num_samples=None if c is not None else n, generator=generator, **kwargs)
         tokens.append(t.cpu())
         if tokenizer is not None:
             images.append(tokenizer.to(device).decode(t).float().clamp(-1, 1).cpu())
