@@ -1,7 +1,7 @@
 """Generator throughput on CPU: training tokens/s (CE vs SNCE, same run) and sampling images/s.
 
 For each codebook size K and family (autoregressive, masked diffusion) of the ``tiny`` preset, times full training
-steps (forward, fused loss, backward, AdamW) with the baseline hard CE next to SNCE (exact q over all K codes, and
+steps (forward, fused loss, backward, AdamW), round-robin, with the baseline hard CE next to SNCE (exact q over all K codes, and
 top-k targets from a NeighborTable), and reports the peak resident memory of each step above the memory held
 before it. Then times sampling (AR with KV cache; masked diffusion with 8 steps), with and without CFG.
 
@@ -43,29 +43,42 @@ def rss_mib(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def bench_training(family, k, grid, batch, steps, loss_name, codebook):
-    torch.manual_seed(0)
-    model = build_generator(family, "tiny", vocab_size=k, grid=(grid, grid), num_classes=10)
-    loss = TokenLoss(LossConfig(**LOSSES[loss_name]), codebook, "l2")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def training_setups(family, k, grid, batch, loss_names, codebook):
+    """One (step function, model) per loss, same initial weights and data; each warmed up once."""
     tokens, classes = torch.randint(0, k, (batch, grid, grid)), torch.randint(0, 10, (batch,))
+    setups = {}
+    for name in loss_names:
+        torch.manual_seed(0)
+        model = build_generator(family, "tiny", vocab_size=k, grid=(grid, grid), num_classes=10)
+        loss = TokenLoss(LossConfig(**LOSSES[name]), codebook, "l2")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        generator_loss(model, tokens, classes, loss).backward()
-        opt.step()
+        def step(model=model, loss=loss, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            generator_loss(model, tokens, classes, loss).backward()
+            opt.step()
 
-    step()  # warm-up: allocates optimizer state and gradients
-    before = rss_mib("VmRSS")
-    rss_reset()
-    times = []
+        step()  # warm-up: allocates optimizer state and gradients
+        setups[name] = step
+    return setups
+
+
+def bench_training(setups, steps):
+    """Median seconds per step of every setup, timed round-robin (so load changes hit all alike), and the peak
+    RSS of one step of each above the RSS before it."""
+    times = {name: [] for name in setups}
     for _ in range(steps):
-        t0 = time.perf_counter()
+        for name, step in setups.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    peaks = {}
+    for name, step in setups.items():
+        before = rss_mib("VmRSS")
+        rss_reset()
         step()
-        times.append(time.perf_counter() - t0)
-    peak = rss_mib("VmHWM") - before
-    sec = statistics.median(times)
-    return batch * grid * grid / sec, sec, peak, model.num_params()
+        peaks[name] = rss_mib("VmHWM") - before
+    return {name: statistics.median(t) for name, t in times.items()}, peaks
 
 
 @torch.no_grad()
@@ -102,12 +115,14 @@ def main() -> None:
     for k in args.k:
         codebook = torch.randn(k, 8)
         for family in args.families:
-            base = None
+            setups = training_setups(family, k, args.grid, args.batch, args.losses, codebook)
+            secs, peaks = bench_training(setups, args.steps)
+            del setups
             for name in args.losses:
-                tps, sec, peak, _ = bench_training(family, k, args.grid, args.batch, args.steps, name, codebook)
-                base = tps if name == "ce" else base
-                rel = f"{tps / base:.2f}x" if base else "-"
-                print(f"| {family} | {k} | {name} | {sec:.3f} | {tps:,.0f} | {rel} | {peak:.0f} |", flush=True)
+                tps = args.batch * args.grid**2 / secs[name]
+                rel = f"{secs['ce'] / secs[name]:.2f}x" if "ce" in secs else "-"
+                print(f"| {family} | {k} | {name} | {secs[name]:.3f} | {tps:,.0f} | {rel} | {peaks[name]:.0f} |",
+                      flush=True)
     print("\n| family | K | CFG | sampling images/s |")
     print("|---|---|---|---|")
     for k in args.k:
