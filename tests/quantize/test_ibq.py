@@ -13,8 +13,8 @@ from snce.quantize.ibq import (
 )
 from snce.quantize.search import nearest_codes
 
-# (N, D, K): odd sizes; block bytes chosen so that rows and codes are split into several blocks
-SHAPES = [(37, 5, 301), (64, 16, 1024)]
+# (N, D, K, block bytes): odd sizes, codes split into several blocks; rows too in the second case
+SHAPES = [(37, 5, 301, 4 * 37 * 50), (1100, 4, 50, 4 * 1024 * 20), (64, 16, 1024, 4 * 64 * 256)]
 BLOCK = 4 * 16 * 97
 
 
@@ -24,26 +24,26 @@ def case(n, d, k, scale=0.5):
     return z, codebook
 
 
-@pytest.mark.parametrize("n,d,k", SHAPES)
-def test_index_backprop_matches_dense(n, d, k):
+@pytest.mark.parametrize("n,d,k,block", SHAPES)
+def test_index_backprop_matches_dense(n, d, k, block):
     z, codebook = case(n, d, k)
     g = torch.randn(n, d)
     zq_dense, idx_dense = dense_index_backprop(z, codebook)
     grads_dense = torch.autograd.grad((zq_dense * g).sum(), [z, codebook])
-    row_max, idx, log_sum = softmax_stats(z, codebook, 1.0, BLOCK)
+    row_max, idx, log_sum = softmax_stats(z, codebook, 1.0, block)
     assert torch.equal(idx, nearest_codes(z.detach(), codebook.detach(), "dot")[1][:, 0])
     assert torch.equal(idx, idx_dense)
     torch.testing.assert_close(row_max + log_sum, (z @ codebook.T).logsumexp(dim=1))
-    zq = IndexBackprop.apply(z, codebook, idx, row_max, log_sum, BLOCK)
+    zq = IndexBackprop.apply(z, codebook, idx, row_max, log_sum, block)
     grads = torch.autograd.grad((zq * g).sum(), [z, codebook])
     torch.testing.assert_close(zq, zq_dense, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, grads_dense, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("n,d,k", SHAPES)
+@pytest.mark.parametrize("n,d,k,block", SHAPES)
 @pytest.mark.parametrize("temperature", [1.0, 0.01])
-def test_entropy_terms_match_dense(n, d, k, temperature):
+def test_entropy_terms_match_dense(n, d, k, block, temperature):
     """Rule: error vs the float64 dense gold <= the float32 dense reference's own error + slack."""
     z, codebook = case(n, d, k)
 
@@ -58,7 +58,7 @@ def test_entropy_terms_match_dense(n, d, k, temperature):
     z64, codebook64 = (t.detach().double().requires_grad_() for t in (z, codebook))
     gold = values_and_grads(dense, z64, codebook64)
     ref = values_and_grads(dense, z, codebook)
-    got = values_and_grads(lambda z, e: EntropyTerms.apply(z, e, temperature, BLOCK), z, codebook)
+    got = values_and_grads(lambda z, e: EntropyTerms.apply(z, e, temperature, block), z, codebook)
     for name, g, r, want in zip(["sample H", "batch H", "dz", "dE"], got, ref, gold, strict=True):
         err, ref_err = (g.double() - want).abs().max(), (r.double() - want).abs().max()
         slack = 1e-6 * (1 + want.abs().max())

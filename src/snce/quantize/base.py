@@ -54,7 +54,7 @@ def codebook_usage(indices: torch.Tensor, codebook_size: int) -> tuple[float, fl
     counts = torch.bincount(flat.long(), minlength=codebook_size).double()
     p = counts / counts.sum()
     entropy = -torch.special.xlogy(p, p).sum()
-    return float((counts > 0).double().mean()), float(entropy.exp())
+    return int((counts > 0).sum()) / codebook_size, float(entropy.exp())
 
 
 class UsageTracker:
@@ -84,7 +84,7 @@ class UsageTracker:
         return self.usage()
 
     def usage(self) -> float:
-        return 0.0 if self.counts is None else float((self.counts > 0).float().mean())
+        return 0.0 if self.counts is None else int((self.counts > 0).sum()) / self.codebook_size
 
     def reset(self, device: torch.device | str = "cpu") -> None:
         self.batches.clear()

@@ -1,0 +1,124 @@
+"""CPU benchmark of the chunked nearest-code search against cdist + argmin.
+
+Each (method, K) runs in its own process: best / median wall time over ``--reps`` runs after one warm-up
+(none with ``--reps 1``), and peak extra memory = peak RSS during the runs minus RSS once the inputs exist.
+Both methods must return the same indices (checked by a digest of the index tensor).
+
+    python benchmarks/bench_search.py                         # N=4096, D=256, K in {16384, 262144}
+    python benchmarks/bench_search.py --k 65536 --reps 5 --threads 2
+
+Peak memory uses Linux's ``/proc/self/clear_refs`` and ``VmHWM``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = {"cdist + argmin": "cdist", "nearest_codes (chunked)": "chunked"}
+
+
+def rss_mib(field: str = "VmRSS") -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak RSS (VmHWM) restarts from the current RSS
+
+
+def worker(method: str, n: int, k: int, d: int, reps: int, threads: int) -> dict:
+    import torch
+
+    from snce.quantize import nearest_codes
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    z, codebook = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+
+    def run():
+        if method == "cdist":
+            return torch.cdist(z, codebook).argmin(dim=1)  # (N, K) float32 distances
+        return nearest_codes(z, codebook, "l2")[1][:, 0]
+
+    if reps > 1:
+        run()
+    before = rss_mib()
+    reset_peak_rss()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        idx = run()
+        times.append(time.perf_counter() - t0)
+    peak = rss_mib("VmHWM") - before
+    return {
+        "best_s": min(times),
+        "median_s": statistics.median(times),
+        "peak_mib": peak,
+        "digest": int((idx * torch.arange(1, n + 1)).sum()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--n", type=int, default=4096, help="latents N")
+    parser.add_argument("--d", type=int, default=256, help="dimension D")
+    parser.add_argument(
+        "--k", type=int, nargs="+", default=[16384, 262144], help="codebook sizes K"
+    )
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", nargs=2, metavar=("METHOD", "K"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        method, k = args.worker
+        print(json.dumps(worker(method, args.n, int(k), args.d, args.reps, args.threads)))
+        return
+
+    print(f"N={args.n}, D={args.d}, fp32, {args.threads} threads, reps={args.reps}\n")
+    print("| K | method | best s | median s | peak extra MiB |")
+    print("|---|---|---|---|---|")
+    for k in args.k:
+        digests = set()
+        for label, method in METHODS.items():
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                method,
+                str(k),
+                "--n",
+                str(args.n),
+                "--d",
+                str(args.d),
+                "--reps",
+                str(args.reps),
+                "--threads",
+                str(args.threads),
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                print(f"| {k:,} | {label} | failed: {proc.stderr.strip().splitlines()[-1:]} | | |")
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            digests.add(r["digest"])
+            print(
+                f"| {k:,} | {label} | {r['best_s']:.2f} | {r['median_s']:.2f} | {r['peak_mib']:.0f} |",
+                flush=True,
+            )
+        if len(digests) > 1:
+            raise SystemExit(f"K={k}: the methods returned different indices")
+
+
+if __name__ == "__main__":
+    main()
