@@ -124,3 +124,21 @@ from snce.config import Config  # noqa: E402
 @dataclass
 class _Run(Config):
     data: DataConfig = field(default_factory=DataConfig)
+
+
+def test_image_folder_file_that_fails_only_on_decode(tmp_path):
+    """A truncated JPEG passes Pillow's verify; it is reported once when read and the next image stands in."""
+    for i in range(3):
+        _png(tmp_path / f"{i}.png", (40 * i, 0, 0))
+    noise = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    Image.fromarray(noise).save(tmp_path / "3.jpg", quality=90)
+    full = (tmp_path / "3.jpg").read_bytes()
+    (tmp_path / "3.jpg").write_bytes(full[: len(full) // 2])  # headers intact, scan data cut
+    ds = ImageFolder(tmp_path, size=4)
+    assert len(ds) == 4
+    with pytest.warns(UserWarning, match="3.jpg") as record:
+        items = [ds[i][0] for i in range(4)]
+    assert len(record) == 1 and torch.equal(items[3], items[0])  # wrapped around to the first image
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds[3]  # reported once only
