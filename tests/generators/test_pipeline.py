@@ -149,3 +149,29 @@ def test_resume_after_a_checkpoint_equals_an_uninterrupted_run(inputs, tmp_path)
     assert full.keys() == resumed.keys()
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_torchrun_matches_one_process(inputs, tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo) follows one process on the combined batch (AR + SNCE; no dropout, so
+    the ranks' random streams do not enter the loss)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    def config(out):
+        return _config(inputs, out, family="autoregressive", val_shards="",
+                       model={"dim": 32, "n_layers": 1, "n_heads": 2, "class_dropout": 0.0},
+                       **{"train.steps": 3, "train.image_every": 0, "train.grad_accum": 2, "train.lr": 1e-2})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "snce.cli"]
+    proc = subprocess.run([*cmd, "generator", "train", "--config", str(config(tmp_path / "ddp"))],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["generator", "train", "--config", str(config(tmp_path / "single"))]) == 0
+    ddp = load_file(str(tmp_path / "ddp" / "generator" / "model.safetensors"))
+    single = load_file(str(tmp_path / "single" / "generator" / "model.safetensors"))
+    assert ddp.keys() == single.keys()
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5, msg=k)
