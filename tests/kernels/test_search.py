@@ -24,6 +24,14 @@ def test_matches_torch_search(device, metric, k):
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
+def test_float16_inputs_score_natively_and_exactly(device):
+    z, codebook = torch.randn(37, 8, device=device).half(), torch.randn(70, 8, device=device).half()
+    dist, idx = nearest_codes_triton(z, codebook, "dot", 4, **TILES)  # precision "auto" -> "native"
+    ref_dist, ref_idx = nearest_codes(z, codebook, "dot", 4)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(dist, ref_dist, rtol=1e-5, atol=1e-5)
+
+
 def test_ties_go_to_the_lower_index(device):
     # Integer-valued codes and latents: every score is exact, so duplicated codes tie exactly.
     base = torch.randint(-3, 4, (10, 4), device=device).float()
