@@ -41,6 +41,13 @@ def add_tokenizer_commands(sub) -> None:
     ev.add_argument("tokenizer", help="tokenizer directory (e.g. <out_dir>/tokenizer)")
     _add_data_args(ev, default_split="test")
     ev.add_argument("--out", help="also write the numbers to this JSON file")
+    ev.add_argument("--rfid", action="store_true", help="also measure rFID (reconstructions vs images)")
+    ev.add_argument(
+        "--inception-weights",
+        help="local FID Inception-v3 weights for --rfid (default: $SNCE_INCEPTION_WEIGHTS, else the "
+        "built-in domain classifier trained on the data's train split)",
+    )
+    ev.add_argument("--cache-dir", default=".snce_cache", help="where the domain classifier is cached")
     ev.set_defaults(func=tokenizer_eval)
 
     tok = sub.add_parser(
@@ -67,9 +74,11 @@ def _add_data_args(parser: argparse.ArgumentParser, default_split: str) -> None:
 def tokenizer_train(args) -> int:
     from snce.config import load_config
     from snce.tokenizer import TokenizerRunConfig, evaluate_tokenizer, train_tokenizer
+    from snce.train import cleanup_distributed
 
     cfg = load_config(TokenizerRunConfig, args.config, args.overrides)
     tokenizer = train_tokenizer(cfg, resume=args.resume)
+    cleanup_distributed()
     if tokenizer is not None:  # rank 0
         from snce.data import build_dataset
 
@@ -91,12 +100,23 @@ def tokenizer_eval(args) -> int:
 
     data = load_data_config(args.tokenizer, args.overrides)  # config errors before loading weights
     tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+    feature_net = None
+    if args.rfid:
+        import torch
+
+        from snce.metrics import feature_network
+
+        train = build_dataset(data, split="train")
+        images = torch.stack([train[i][0] for i in range(len(train))])
+        labels = torch.tensor([train[i][1] for i in range(len(train))])
+        feature_net, _ = feature_network(
+            images, labels, dataset=data.kind, cache_dir=args.cache_dir,
+            inception_weights=args.inception_weights,
+        )  # fmt: skip
     metrics = evaluate_tokenizer(
-        tokenizer,
-        build_dataset(data, split=args.split),
-        batch_size=args.batch_size,
-        device=args.device,
-    )
+        tokenizer, build_dataset(data, split=args.split), batch_size=args.batch_size, device=args.device,
+        feature_net=feature_net,
+    )  # fmt: skip
     print(json.dumps(metrics, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")

@@ -169,15 +169,18 @@ def evaluate_tokenizer(
     batch_size: int = 256,
     device: str = "auto",
     progress: bool = True,
+    feature_net: torch.nn.Module | None = None,
 ) -> dict[str, float]:
     """Reconstruction quality and code usage over ``dataset``.
 
-    Returns psnr (dB) and ssim (means over images), usage (fraction of the K codes used at least once) and
-    perplexity (exp of the entropy of the code histogram), num_images.
+    Returns psnr (dB) and ssim (means over images), usage (fraction of the K codes used at least once),
+    perplexity (exp of the entropy of the code histogram), num_images, and with ``feature_net`` (a
+    ``snce.metrics`` feature network, ``net(images) -> (features, logits)``) rfid: the Frechet distance between
+    the features of the images and of their reconstructions.
     """
     dev = resolve_device(device)
     tokenizer = tokenizer.to(dev).eval()
-    psnrs, ssims, indices = [], [], []
+    psnrs, ssims, indices, real, fake = [], [], [], [], []
     for batch in tqdm(_loader(dataset, batch_size), desc="eval", disable=not progress):
         x = _images(batch).to(dev)
         enc = tokenizer.encode(x)
@@ -185,14 +188,24 @@ def evaluate_tokenizer(
         psnrs.append(psnr(x, rec).cpu())
         ssims.append(ssim(x, rec))
         indices.append(enc.indices.cpu())
+        if feature_net is not None:
+            from snce.metrics import extract
+
+            real.append(extract(feature_net, x)[0])
+            fake.append(extract(feature_net, rec.clamp(-1, 1))[0])
     usage, perplexity = codebook_usage(torch.cat(indices), tokenizer.codebook_size)
-    return {
+    metrics = {
         "psnr": float(torch.cat(psnrs).mean()),
         "ssim": float(torch.cat(ssims).mean()),
         "usage": usage,
         "perplexity": perplexity,
         "num_images": float(sum(len(i) for i in indices)),
     }
+    if feature_net is not None:
+        from snce.metrics import frechet_distance
+
+        metrics["rfid"] = frechet_distance(torch.cat(real), torch.cat(fake))
+    return metrics
 
 
 @torch.no_grad()
