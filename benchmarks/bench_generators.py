@@ -1,38 +1,69 @@
-"""Generator throughput on CPU: training tokens/s (CE vs SNCE, same run) and sampling images/s.
+"""Generator throughput on CPU: training tokens/s and peak memory (CE vs SNCE, same run), sampling images/s.
 
 For each codebook size K and family (autoregressive, masked diffusion) of the ``tiny`` preset, times full training
-steps (forward, fused loss, backward, AdamW), round-robin, with the baseline hard CE next to SNCE (exact q over all K codes, and
-top-k targets from a NeighborTable), and reports the peak resident memory of each step above the memory held
-before it. Then times sampling (AR with KV cache; masked diffusion with 8 steps), with and without CFG.
+steps (forward, loss, backward, AdamW) for every loss round-robin, so load changes on a shared machine hit all
+alike:
+
+    ce-unfused   baseline: logits = hidden @ W.T (tokens x K), then F.cross_entropy
+    ce           fused linear CE (snce.functional.fused_linear_cross_entropy): no (tokens x K) logits
+    snce         fused linear SNCE, exact q over all K codes (code mode, z = e_y)
+    snce-top32   fused linear SNCE, q from a NeighborTable of the 32 nearest codes
+
+Peak memory: each (family, K, loss) step runs once more in a fresh subprocess; the figure is the kernel's peak
+RSS during that step (``VmHWM``) minus the RSS just before it, after the model, its gradients and the optimizer
+state exist (Linux only). Then sampling is timed (AR with KV cache; masked diffusion with 8 steps), with and
+without CFG.
 
     python benchmarks/bench_generators.py                      # K = 1024 and 16384, 8x8 tokens, batch 32
     python benchmarks/bench_generators.py --k 65536 --steps 2  # larger codebooks
-
-Peak memory comes from the kernel's high-water mark (``VmHWM``), reset before every measurement
-(``/proc/self/clear_refs``), so it needs Linux.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from snce.generators import build_generator, sample
 from snce.generators.objectives import LossConfig, TokenLoss, generator_loss
 
 LOSSES = {
+    "ce-unfused": None,
     "ce": dict(kind="ce"),
     "snce": dict(kind="snce"),
     "snce-top32": dict(kind="snce", topk=32),
 }
 
 
-def rss_reset() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS counter to the current RSS
+def unfused_ce(hidden, head_weight, target, latents=None, weight=None):
+    """The baseline: the full (tokens x K) logits, then cross-entropy."""
+    return F.cross_entropy(hidden @ head_weight.T, target)
+
+
+def make_step(family, k, grid, batch, loss_name, codebook):
+    """A training-step closure (same initial weights and data for every loss), warmed up once."""
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, k, (batch, grid, grid), generator=g)
+    classes = torch.randint(0, 10, (batch,), generator=g)
+    torch.manual_seed(0)
+    model = build_generator(family, "tiny", vocab_size=k, grid=(grid, grid), num_classes=10)
+    spec = LOSSES[loss_name]
+    loss = unfused_ce if spec is None else TokenLoss(LossConfig(**spec), codebook, "l2")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=False)  # keep the gradient buffers: they are not part of a step's peak
+        generator_loss(model, tokens, classes, loss).backward()
+        opt.step()
+
+    step()  # allocates gradients and optimizer state
+    return step
 
 
 def rss_mib(field: str) -> float:
@@ -43,42 +74,20 @@ def rss_mib(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def training_setups(family, k, grid, batch, loss_names, codebook):
-    """One (step function, model) per loss, same initial weights and data; each warmed up once."""
-    tokens, classes = torch.randint(0, k, (batch, grid, grid)), torch.randint(0, 10, (batch,))
-    setups = {}
-    for name in loss_names:
-        torch.manual_seed(0)
-        model = build_generator(family, "tiny", vocab_size=k, grid=(grid, grid), num_classes=10)
-        loss = TokenLoss(LossConfig(**LOSSES[name]), codebook, "l2")
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step(model=model, loss=loss, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            generator_loss(model, tokens, classes, loss).backward()
-            opt.step()
-
-        step()  # warm-up: allocates optimizer state and gradients
-        setups[name] = step
-    return setups
+def peak_step_memory(family, k, grid, batch, loss_name) -> float:
+    """Run in a fresh process (``--memory``): peak RSS of one training step above the RSS before it, MiB."""
+    step = make_step(family, k, grid, batch, loss_name, torch.randn(k, 8, generator=torch.Generator().manual_seed(0)))
+    before = rss_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter to the current RSS
+    step()
+    return rss_mib("VmHWM") - before
 
 
-def bench_training(setups, steps):
-    """Median seconds per step of every setup, timed round-robin (so load changes hit all alike), and the peak
-    RSS of one step of each above the RSS before it."""
-    times = {name: [] for name in setups}
-    for _ in range(steps):
-        for name, step in setups.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
-    peaks = {}
-    for name, step in setups.items():
-        before = rss_mib("VmRSS")
-        rss_reset()
-        step()
-        peaks[name] = rss_mib("VmHWM") - before
-    return {name: statistics.median(t) for name, t in times.items()}, peaks
+def measure_memory(family, k, grid, batch, loss_name, threads) -> float:
+    cmd = [sys.executable, __file__, "--memory", family, str(k), str(grid), str(batch), loss_name, str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 @torch.no_grad()
@@ -106,23 +115,35 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--families", nargs="+", default=["autoregressive", "masked_diffusion"])
     p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
+    p.add_argument("--memory", nargs=6, help=argparse.SUPPRESS)  # internal: one memory probe
     args = p.parse_args()
+    if args.memory:
+        family, k, grid, batch, loss_name, threads = args.memory
+        torch.set_num_threads(int(threads))
+        print(json.dumps(peak_step_memory(family, int(k), int(grid), int(batch), loss_name)))
+        return
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32, tiny preset, {args.grid}x{args.grid} tokens, "
-          f"batch {args.batch}, median of {args.steps} steps\n")
-    print("| family | K | loss | step (s) | train tokens/s | vs CE | peak extra RSS (MiB) |")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), fp32, tiny preset, {args.grid}x{args.grid} tokens, "
+          f"batch {args.batch} ({args.batch * args.grid**2} tokens), median of {args.steps} steps\n")
+    print("| family | K | loss | step (s) | train tokens/s | speed vs ce-unfused | peak step memory (MiB) |")
     print("|---|---|---|---|---|---|---|")
     for k in args.k:
-        codebook = torch.randn(k, 8)
+        codebook = torch.randn(k, 8, generator=torch.Generator().manual_seed(0))
         for family in args.families:
-            setups = training_setups(family, k, args.grid, args.batch, args.losses, codebook)
-            secs, peaks = bench_training(setups, args.steps)
-            del setups
+            steps = {name: make_step(family, k, args.grid, args.batch, name, codebook) for name in args.losses}
+            times = {name: [] for name in steps}
+            for _ in range(args.steps):
+                for name, step in steps.items():
+                    t0 = time.perf_counter()
+                    step()
+                    times[name].append(time.perf_counter() - t0)
+            del steps
+            secs = {name: statistics.median(t) for name, t in times.items()}
             for name in args.losses:
+                mem = measure_memory(family, k, args.grid, args.batch, name, args.threads)
                 tps = args.batch * args.grid**2 / secs[name]
-                rel = f"{secs['ce'] / secs[name]:.2f}x" if "ce" in secs else "-"
-                print(f"| {family} | {k} | {name} | {secs[name]:.3f} | {tps:,.0f} | {rel} | {peaks[name]:.0f} |",
-                      flush=True)
+                rel = f"{secs['ce-unfused'] / secs[name]:.2f}x" if "ce-unfused" in secs else "-"
+                print(f"| {family} | {k} | {name} | {secs[name]:.3f} | {tps:,.0f} | {rel} | {mem:.0f} |", flush=True)
     print("\n| family | K | CFG | sampling images/s |")
     print("|---|---|---|---|")
     for k in args.k:
