@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import TensorDataset
@@ -19,6 +20,7 @@ from snce.tokenizer import (
     hinge_d_loss,
     hinge_g_loss,
     psnr,
+    ssim,
 )
 from snce.tokenizer.pipeline import tokenizer_loss
 from snce.train import TrainConfig, Trainer
@@ -164,3 +166,47 @@ def test_run_config_cross_checks():
         load_config(TokenizerRunConfig, None, ["data.name=shapes", "data.size=18"])
     with pytest.raises(ConfigError, match="'model.quantizer.dim': must equal latent_channels"):
         load_config(TokenizerRunConfig, None, ["data.name=shapes", "model.quantizer.dim=3"])
+
+
+class _PixelFeatures(torch.nn.Module):
+    """A fixed feature network: the first 6 pixels as features (and as logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        f = x.flatten(1)[:, 40:46]
+        return f, f
+
+
+def test_evaluate_tokenizer_against_closed_forms():
+    from scipy import linalg
+
+    from snce.tokenizer import evaluate_tokenizer
+
+    tok = tiny_tokenizer(k=16).eval()
+    data = TensorDataset(Digits(16, split="all").images[:40], torch.zeros(40, dtype=torch.long))
+    m = evaluate_tokenizer(
+        tok, data, batch_size=16, device="cpu", progress=False, feature_net=_PixelFeatures()
+    )
+    x = data.tensors[0]
+    with torch.no_grad():
+        idx = tok.encode(x).indices
+        rec = tok.decode(idx)
+    mse = (((x - rec) / 2) ** 2).flatten(1).mean(1).double()
+    assert m["psnr"] == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), rel=1e-5)
+    assert m["usage"] == pytest.approx(idx.unique().numel() / 16) and m["num_images"] == 40
+    counts = torch.bincount(idx.flatten(), minlength=16).double()
+    p = counts[counts > 0] / counts.sum()
+    assert m["perplexity"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
+    # Frechet distance between Gaussians fitted to the features: |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)
+    a, b = (
+        x.flatten(1)[:, 40:46].double().numpy(),
+        rec.clamp(-1, 1).flatten(1)[:, 40:46].double().numpy(),
+    )
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert m["rfid"] == pytest.approx(ref, rel=1e-3, abs=1e-6)
+    assert -1 <= m["ssim"] <= 1
+    torch.testing.assert_close(ssim(x[:4], x[:4]), torch.ones(4, dtype=torch.float64))
