@@ -90,11 +90,8 @@ def train_tokenizer(cfg: TokenizerRunConfig, *, resume: bool = False) -> Tokeniz
     def reconstructions(model: TokenizerObjective) -> torch.Tensor:
         x = preview.to(next(model.parameters()).device)
         rec = model.tokenizer(x).reconstruction
-        n = x.shape[0]
-        rows = [
-            t for i in range(0, n, 8) for t in (x[i : i + 8], rec[i : i + 8])
-        ]  # originals above recons
-        return torch.cat(rows)
+        # rows of 8: originals above their reconstructions
+        return torch.cat([t for i in range(0, len(x), 8) for t in (x[i : i + 8], rec[i : i + 8])])
 
     trainer = Trainer(
         objective,
@@ -102,9 +99,7 @@ def train_tokenizer(cfg: TokenizerRunConfig, *, resume: bool = False) -> Tokeniz
         dataset,
         cfg.train,
         config=cfg.to_dict(),
-        callbacks=[
-            ImageCallback(cfg.train.image_every, reconstructions, name="recon", nrow=8, scale=4)
-        ],
+        callbacks=[ImageCallback(cfg.train.image_every, reconstructions, "recon", nrow=8, scale=4)],
         resume=resume,
         find_unused_parameters=objective.discriminator is not None and cfg.loss.disc_start > 0,
     )
@@ -137,8 +132,8 @@ class _DataSection(Config):
     data: DataConfig = field(default_factory=DataConfig)
 
 
-def _loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+def _loader(dataset: Dataset, batch_size: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
