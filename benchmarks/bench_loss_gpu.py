@@ -40,7 +40,7 @@ BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), 
                     ("A100", 312.0), ("L40S", 362.1), ("A10G", 70.0))
 SWEEP = (  # (block_n, block_k, block_h, num_warps, num_stages) tried with --sweep
     (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 32, 4, 4),
-    (128, 128, 32, 8, 4), (128, 256, 64, 8, 3),
+    (128, 128, 32, 8, 4), (64, 256, 64, 8, 3),
 )
 
 
@@ -70,7 +70,12 @@ def device_peak_tflops(name: str, override: float | None) -> float | None:
 
 
 def measure(step, reps: int, warmup: int) -> tuple[float, float]:
-    """(median ms, peak GiB above the memory allocated before the step) of ``step()``; OOM -> (nan, nan)."""
+    """(median ms, peak GiB above the memory allocated before the step) of ``step()``.
+
+    Out of GPU memory, or a kernel tile config that needs more shared memory than the device has: (nan, nan).
+    """
+    from triton.runtime.errors import OutOfResources
+
     try:
         for _ in range(warmup):
             step()
@@ -90,7 +95,8 @@ def measure(step, reps: int, warmup: int) -> tuple[float, float]:
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         return statistics.median(times), peak
-    except torch.cuda.OutOfMemoryError:
+    except (torch.cuda.OutOfMemoryError, OutOfResources) as err:
+        print(f"    skipped: {type(err).__name__}: {str(err)[:200]}")
         return float("nan"), float("nan")
     finally:
         torch.cuda.empty_cache()

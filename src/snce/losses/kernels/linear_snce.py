@@ -116,7 +116,7 @@ def _linear_snce_fwd_kernel(
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_mask = rows < N
-    valid, z_rows = _load_rows(target_ptr, rows, row_mask, ignore_index, Z_FROM_CODES)
+    _, z_rows = _load_rows(target_ptr, rows, row_mask, ignore_index, Z_FROM_CODES)
     row_scale = tl.load(row_scale_ptr + rows, mask=row_mask, other=1.0)
 
     m_l = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # running max of student logits
