@@ -11,7 +11,7 @@ alike:
 
 Peak memory: each (family, K, loss) step runs once more in a fresh subprocess; the figure is the kernel's peak
 RSS during that step (``VmHWM``) minus the RSS just before it, after the model, its gradients and the optimizer
-state exist (Linux only). Then sampling is timed (AR with KV cache; masked diffusion with 8 steps), with and
+state exist (Linux, glibc). Then sampling is timed (AR with KV cache; masked diffusion with 8 steps), with and
 without CFG.
 
     python benchmarks/bench_generators.py                      # K = 1024 and 16384, 8x8 tokens, batch 32
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def unfused_ce(hidden, head_weight, target, latents=None, weight=None):
     return F.cross_entropy(hidden @ head_weight.T, target)
 
 
-def make_step(family, k, grid, batch, loss_name, codebook):
+def make_step(family, k, grid, batch, loss_name, codebook, budget_mb):
     """A training-step closure (same initial weights and data for every loss), warmed up once."""
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, k, (batch, grid, grid), generator=g)
@@ -54,7 +55,7 @@ def make_step(family, k, grid, batch, loss_name, codebook):
     torch.manual_seed(0)
     model = build_generator(family, "tiny", vocab_size=k, grid=(grid, grid), num_classes=10)
     spec = LOSSES[loss_name]
-    loss = unfused_ce if spec is None else TokenLoss(LossConfig(**spec), codebook, "l2")
+    loss = unfused_ce if spec is None else TokenLoss(LossConfig(**spec, memory_budget_mb=budget_mb), codebook, "l2")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
@@ -74,9 +75,10 @@ def rss_mib(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_step_memory(family, k, grid, batch, loss_name) -> float:
+def peak_step_memory(family, k, grid, batch, loss_name, budget_mb) -> float:
     """Run in a fresh process (``--memory``): peak RSS of one training step above the RSS before it, MiB."""
-    step = make_step(family, k, grid, batch, loss_name, torch.randn(k, 8, generator=torch.Generator().manual_seed(0)))
+    codebook = torch.randn(k, 8, generator=torch.Generator().manual_seed(0))
+    step = make_step(family, k, grid, batch, loss_name, codebook, budget_mb)
     before = rss_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS counter to the current RSS
@@ -84,9 +86,12 @@ def peak_step_memory(family, k, grid, batch, loss_name) -> float:
     return rss_mib("VmHWM") - before
 
 
-def measure_memory(family, k, grid, batch, loss_name, threads) -> float:
-    cmd = [sys.executable, __file__, "--memory", family, str(k), str(grid), str(batch), loss_name, str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+def measure_memory(family, k, grid, batch, loss_name, threads, budget_mb) -> float:
+    cmd = [sys.executable, __file__, "--memory", family, str(k), str(grid), str(batch), loss_name, str(threads), str(budget_mb)]
+    # A fixed mmap threshold makes glibc return every large freed block at once, so memory freed by the warm-up
+    # step is not reused silently and the high-water mark sees the step's real peak.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**16)}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -115,22 +120,25 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--families", nargs="+", default=["autoregressive", "masked_diffusion"])
     p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
-    p.add_argument("--memory", nargs=6, help=argparse.SUPPRESS)  # internal: one memory probe
+    p.add_argument("--budget-mb", type=int, default=64, help="fused losses' per-block buffer budget (MiB)")
+    p.add_argument("--memory", nargs=7, help=argparse.SUPPRESS)  # internal: one memory probe
     args = p.parse_args()
     if args.memory:
-        family, k, grid, batch, loss_name, threads = args.memory
+        family, k, grid, batch, loss_name, threads, budget = args.memory
         torch.set_num_threads(int(threads))
-        print(json.dumps(peak_step_memory(family, int(k), int(grid), int(batch), loss_name)))
+        print(json.dumps(peak_step_memory(family, int(k), int(grid), int(batch), loss_name, int(budget))))
         return
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), fp32, tiny preset, {args.grid}x{args.grid} tokens, "
-          f"batch {args.batch} ({args.batch * args.grid**2} tokens), median of {args.steps} steps\n")
+          f"batch {args.batch} ({args.batch * args.grid**2} tokens), median of {args.steps} steps, "
+          f"fused-loss block budget {args.budget_mb} MiB\n")
     print("| family | K | loss | step (s) | train tokens/s | speed vs ce-unfused | peak step memory (MiB) |")
     print("|---|---|---|---|---|---|---|")
     for k in args.k:
         codebook = torch.randn(k, 8, generator=torch.Generator().manual_seed(0))
         for family in args.families:
-            steps = {name: make_step(family, k, args.grid, args.batch, name, codebook) for name in args.losses}
+            steps = {name: make_step(family, k, args.grid, args.batch, name, codebook, args.budget_mb)
+                     for name in args.losses}
             times = {name: [] for name in steps}
             for _ in range(args.steps):
                 for name, step in steps.items():
@@ -140,7 +148,7 @@ def main() -> None:
             del steps
             secs = {name: statistics.median(t) for name, t in times.items()}
             for name in args.losses:
-                mem = measure_memory(family, k, args.grid, args.batch, name, args.threads)
+                mem = measure_memory(family, k, args.grid, args.batch, name, args.threads, args.budget_mb)
                 tps = args.batch * args.grid**2 / secs[name]
                 rel = f"{secs['ce-unfused'] / secs[name]:.2f}x" if "ce-unfused" in secs else "-"
                 print(f"| {family} | {k} | {name} | {secs[name]:.3f} | {tps:,.0f} | {rel} | {mem:.0f} |", flush=True)
