@@ -249,9 +249,103 @@ def sample_command(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- study / eval
+
+
+def add_study_commands(sub) -> None:
+    study = sub.add_parser(
+        "study", help="CE vs SNCE: tokenizers at several K, generators of each family, report + plots"
+    )
+    add_config_args(study, config_required=True)
+    study.add_argument(
+        "--quick", action="store_true", help="apply the config's quick: overrides (a few minutes)"
+    )
+    study.set_defaults(func=study_command)
+
+    ev = sub.add_parser(
+        "eval", help="FID/KID/IS/precision-recall/class consistency of a generator or of sample images"
+    )
+    src = ev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="generator run directory (or its generator/): sample, decode, measure")
+    src.add_argument("--samples", help="an .npz from `snce sample --npz`, or a folder of images")
+    ev.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
+        help="the real data to compare with (default: the tokenizer's, else digits), e.g. --set data.path=DIR",
+    )  # fmt: skip
+    ev.add_argument("--num", type=int, default=1000, help="samples to draw from --checkpoint")
+    ev.add_argument("--inception-weights", help="local FID Inception-v3 weights (or $SNCE_INCEPTION_WEIGHTS)")
+    ev.add_argument("--cache-dir", help="where the built-in domain classifier is cached (default ~/.cache/snce)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ev.add_argument("--out", help="also write the numbers to this JSON file")
+    ev.set_defaults(func=eval_command)
+
+
+def study_command(args) -> int:
+    from snce.study import SettingsChanged, load_study_config, run_study
+
+    cfg = load_study_config(args.config, args.overrides, quick=args.quick)
+    try:
+        results = run_study(cfg)
+    except SettingsChanged as e:
+        print(f"snce: error: {e}", file=sys.stderr)
+        return 2
+    if results is not None:  # rank 0
+        out = Path(cfg.out_dir)
+        print(f"report: {out / 'report.md'}; numbers: {out / 'results.json'}; figures: {out / 'plots'}")
+    return 0
+
+
+def eval_command(args) -> int:
+    import torch
+
+    from snce.metrics.samples import DEFAULT_CACHE, evaluate_samples, load_samples
+    from snce.tokenizer import load_data_config
+
+    cache = args.cache_dir or DEFAULT_CACHE
+    try:
+        if args.checkpoint:
+            from snce.train.distributed import resolve_device
+            from snce.train.generator import SampleConfig, load_for_sampling, sample_images
+
+            device = resolve_device(args.device)
+            model, tokenizer, run = load_for_sampling(args.checkpoint, None, device)
+            if tokenizer is None:
+                raise ValueError(f"{args.checkpoint} records no tokenizer to decode its samples")
+            data = load_data_config(run["tokenizer"], args.overrides)
+            n_cls = model.config.num_classes
+            labels = torch.arange(args.num) % n_cls if n_cls else None
+            gen = torch.Generator(device=device).manual_seed(args.seed)
+            settings = SampleConfig.from_dict(run.get("sample", {}))
+            tokens, images = sample_images(
+                model, tokenizer, labels, settings, num_samples=args.num, batch_size=256, generator=gen
+            )
+            metrics = evaluate_samples(
+                images, data, labels=labels, tokens=tokens, codebook_size=model.config.vocab_size,
+                inception_weights=args.inception_weights, cache_dir=cache, seed=args.seed,
+            )  # fmt: skip
+        else:
+            data = load_data_config(Path(args.samples) / "__none__", args.overrides)
+            channels = data.channels or (1 if data.kind == "digits" else 3)
+            images, extras = load_samples(args.samples, data.size, channels)
+            metrics = evaluate_samples(
+                images, data, labels=extras.get("labels"), inception_weights=args.inception_weights,
+                cache_dir=cache, seed=args.seed,
+            )  # fmt: skip
+    except ValueError as e:
+        print(f"snce: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics, indent=2))
+    if args.out:
+        from snce.config import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- entry
 
-COMMAND_GROUPS = [add_tokenizer_commands, add_generator_commands]
+COMMAND_GROUPS = [add_tokenizer_commands, add_generator_commands, add_study_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:
