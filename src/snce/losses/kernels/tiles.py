@@ -25,15 +25,19 @@ PRECISIONS = ("ieee", "tf32", "tf32x3")  # tl.dot input precisions of float32 op
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def squared_norms(x: torch.Tensor, rows_per_block: int = 2**16) -> torch.Tensor:
+    """(M, D) -> (M,) float32 ||x_m||^2, a block of rows at a time (no float32 copy of a bf16 codebook)."""
+    return torch.cat([b.float().pow(2).sum(-1) for b in x.detach().split(rows_per_block)])
+
+
 def code_terms(codebook: torch.Tensor, metric: str) -> torch.Tensor:
     """(K, D) -> (K,) float32 per-code term of the score (see module docstring); ones for "dot"."""
     check_metric(metric)
-    e = codebook.detach().float()
     if metric == "l2":
-        return -(e * e).sum(-1)
+        return -squared_norms(codebook)
     if metric == "cosine":
-        return 1.0 / e.norm(dim=-1).clamp_min(NORM_EPS)
-    return torch.ones(e.shape[0], device=e.device)
+        return 1.0 / squared_norms(codebook).sqrt().clamp_min(NORM_EPS)
+    return torch.ones(codebook.shape[0], device=codebook.device)
 
 
 def row_scales(
@@ -48,7 +52,7 @@ def row_scales(
         return torch.ones(n, device=device)
     if latents is None:
         return terms[target.clamp(0, terms.shape[0] - 1)]
-    return 1.0 / latents.detach().float().norm(dim=-1).clamp_min(NORM_EPS)
+    return 1.0 / squared_norms(latents).sqrt().clamp_min(NORM_EPS)
 
 
 def student_precision(dtype: torch.dtype) -> str:
