@@ -364,7 +364,10 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b accumulated and returned in float32, for float32 / bfloat16 / float16 operands."""
     if a.dtype == torch.float32 or not a.is_cuda:
         return a.float() @ b.float()
-    return torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS: low-precision operands, float32 output
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS: low-precision operands, float32 output
+    except TypeError:  # torch < 2.8 has no out_dtype: the chunk's product is rounded to a's dtype once
+        return (a @ b).float()
 
 
 def _atomic_backward(args, scalars, need, cfg: KernelConfig, meta: dict):
