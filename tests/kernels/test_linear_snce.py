@@ -124,6 +124,15 @@ def test_all_ignored_gives_zero_loss_and_grads(device, config):
     assert all(bool((g == 0).all()) for g in grads)
 
 
+@pytest.mark.parametrize("config", [TINY, TINY_ATOMIC], ids=["gemm", "atomic"])
+def test_empty_batch_gives_zero_loss(device, config):
+    x, w, b, target, kw = make_problem(device, n=0, latents=False, weight=False)
+    loss = fused_linear_snce_loss_triton(x, w, target, b, config=config, **kw)
+    grads = torch.autograd.grad(loss, (x, w, b))
+    assert loss.item() == 0.0 and grads[0].shape == (0, H)
+    assert not bool(grads[1].any()) and not bool(grads[2].any())
+
+
 def test_gradient_filtering_drops_exactly_the_negligible_tiles(device):
     """Dense oracle of filtering: zero the gradient on (block_n x block_k) tiles where every p and q < eps."""
     x, w, b, target, kw = make_problem(device, bias=True, weight=False, latents=False)

@@ -343,7 +343,7 @@ def _gemm_backward(args, scalars, need, cfg: KernelConfig, meta: dict):
     dx = torch.zeros(hidden.shape, **f32) if need[0] else None
     dw = torch.empty_like(head_weight) if need[1] else None
     db = torch.empty(n_codes, **f32) if need[2] else None
-    chunk = max(cfg.block_k, cfg.chunk_bytes // (n * hidden.element_size()) // cfg.block_k * cfg.block_k)
+    chunk = max(cfg.block_k, cfg.chunk_bytes // (max(1, n) * hidden.element_size()) // cfg.block_k * cfg.block_k)
     chunk = min(chunk, triton.cdiv(n_codes, cfg.block_k) * cfg.block_k)
     dl_buffer = torch.empty(n, chunk, dtype=hidden.dtype, device=hidden.device)
     for c0 in range(0, n_codes, chunk):

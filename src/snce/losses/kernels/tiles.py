@@ -92,7 +92,7 @@ def code_splits(n_row_blocks: int, n_code_blocks: int, device: torch.device) -> 
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 4
-    want = max(1, min(n_code_blocks, triton.cdiv(target, n_row_blocks)))
+    want = max(1, min(n_code_blocks, triton.cdiv(target, max(1, n_row_blocks))))
     per_split = triton.cdiv(n_code_blocks, want)
     return triton.cdiv(n_code_blocks, per_split), per_split
 
