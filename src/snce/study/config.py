@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
-from snce.config import Config, ConfigError, apply_override, load_config, parse_override
+import yaml
+
+from snce.config import Config, ConfigError, apply_override, parse_override
 from snce.data import DataConfig
 from snce.generators import FAMILIES, PRESETS
 from snce.tokenizer import LossConfig as TokenizerLossConfig
@@ -78,6 +80,7 @@ class StudyEval(Config):
     with the ``sample`` settings (CFG scale, temperature, masked-diffusion steps).
     inception_weights: a local FID Inception-v3 file (else $SNCE_INCEPTION_WEIGHTS, else the built-in domain
     classifier trained on the real images). nll_samples: held-out token grids for the validation NLL.
+    grid_samples: images in each run's final sample grid.
     """
 
     every: int = 100
@@ -88,11 +91,16 @@ class StudyEval(Config):
     domain_width: int = 32
     nll_samples: int = 300
     grid_samples: int = 40
+    num_real: int | None = (
+        None  # real training images the metrics compare with (evenly spaced); null = all
+    )
 
     def check(self) -> None:
         for name in ("every", "num_samples", "nll_samples", "grid_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.num_real is not None and self.num_real < 8:
+            raise ConfigError("num_real", f"must be >= 8 or null (all), got {self.num_real}")
         if self.num_samples < 8:
             raise ConfigError(
                 "num_samples", f"must be >= 8 for FID/KID/precision-recall, got {self.num_samples}"
@@ -129,13 +137,23 @@ class StudyConfig(Config):
 
 
 def load_study_config(path, overrides=(), *, quick: bool = False) -> StudyConfig:
-    """YAML file -> (with ``quick``: its ``quick:`` overrides) -> ``--set`` overrides -> StudyConfig."""
-    base = load_config(StudyConfig, path)  # validates the file alone first (names the bad key)
-    if not quick:
-        return load_config(StudyConfig, path, overrides)
-    data: dict[str, Any] = base.to_dict()
-    for key, value in base.quick.items():
-        apply_override(data, StudyConfig, f"{key}", _as_text(value))
+    """YAML file -> (with ``quick``: its ``quick:`` overrides) -> ``--set`` overrides -> StudyConfig.
+
+    Keys and types are checked at each layer, so an error names the key wherever it came from.
+    """
+    if not Path(path).is_file():
+        raise ConfigError("", f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"config file {str(path)!r} must hold a mapping at the top level")
+    quick_overrides = data.get("quick") or {}
+    if not isinstance(quick_overrides, dict):
+        raise ConfigError(
+            "quick", f"expected a mapping of dotted keys to values, got {quick_overrides!r}"
+        )
+    if quick:
+        for key, value in quick_overrides.items():
+            apply_override(data, StudyConfig, key, _as_text(value))
     for item in overrides:
         apply_override(data, StudyConfig, *parse_override(item))
     return StudyConfig.from_dict(data)

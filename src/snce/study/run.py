@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -71,9 +71,15 @@ def check_spec(directory: Path, spec: dict) -> None:
         write_json(path, spec)
 
 
-def _stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole image dataset in memory: (images (N, C, H, W) in [-1, 1], labels (N,))."""
-    images, labels = zip(*(dataset[i] for i in range(len(dataset))), strict=True)
+def _stack(dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image dataset in memory (``limit`` evenly spaced items, or all): (images (N, C, H, W), labels (N,))."""
+    n = len(dataset)
+    index = (
+        range(n)
+        if limit is None or limit >= n
+        else torch.linspace(0, n - 1, limit).round().long().tolist()
+    )
+    images, labels = zip(*(dataset[i] for i in index), strict=True)
     return torch.stack(images), torch.as_tensor(labels)
 
 
@@ -84,8 +90,8 @@ def prepare_tokenizer(cfg: StudyConfig, K: int, out: Path, is_main: bool) -> tup
     """Train (or reuse, or resume) the tokenizer of codebook size K; returns it with its test-split metrics."""
     run_dir = out / "tokenizers" / f"k{K}"
     t = cfg.tokenizer
-    model = t.model.replace(quantizer={**t.model.quantizer, "codebook_size": K})
-    train = t.train.replace(out_dir=str(run_dir), seed=cfg.seed, device=cfg.device)
+    model = replace(t.model, quantizer={**t.model.quantizer, "codebook_size": K})
+    train = replace(t.train, out_dir=str(run_dir), seed=cfg.seed, device=cfg.device)
     run_cfg = TokenizerRunConfig(data=cfg.data, model=model, loss=t.loss, train=train)
     if is_main:
         check_spec(run_dir, {k: v for k, v in run_cfg.to_dict().items()})
@@ -238,7 +244,8 @@ def run_generator(
     """
     cfg, K = ctx.cfg, ctx.K
     run_dir = out / "runs" / f"k{K}" / family / name
-    train = cfg.generator.train.replace(
+    train = replace(
+        cfg.generator.train,
         out_dir=str(run_dir), seed=cfg.seed, device=cfg.device,
         ckpt_every=min(cfg.eval.every, cfg.generator.train.steps),
     )  # fmt: skip
@@ -317,7 +324,7 @@ def run_study(cfg: StudyConfig, *, progress: bool = True) -> dict | None:
         write_json(out / "config.json", cfg.to_dict())
     start = time.perf_counter()
 
-    real, labels = _stack(build_dataset(cfg.data, split="train"))
+    real, labels = _stack(build_dataset(cfg.data, split="train"), cfg.eval.num_real)
     evaluator, features = None, {}
     if is_main:
         dataset_key = f"{cfg.data.kind}{cfg.data.size}px"
