@@ -20,6 +20,7 @@ from snce.losses.targets import NeighborTable, TeacherLogits, check_finite, chec
 from snce.quantize.search import check_metric
 
 REDUCTIONS = ("mean", "sum", "none")
+IMPLS = ("auto", "torch", "triton")
 
 
 def _describe(x) -> str:
@@ -205,13 +206,27 @@ def fused_linear_snce_loss(
     reduction: str = "mean",
     memory_budget: int | None = None,
     block_rows: int | None = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """``snce_loss(hidden @ head_weight.T + head_bias, target, ...)`` without the (N, K) logits.
 
     hidden: (..., H), head_weight: (K, H), head_bias: (K,) or None; other arguments as :func:`snce_loss`.
     Gradients flow to hidden, head_weight and head_bias. Peak extra memory O(block_rows x K + N x H)
     plus the head weight's gradient.
+    impl: "auto" (Triton kernels for CUDA tensors when Triton is installed and neither ``topk`` nor
+    ``table`` is used, else torch), "torch" (the chunked torch path) or "triton" (force the kernels).
     """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    from snce.losses import kernels  # light: Triton itself is imported only when a kernel is used
+
+    if impl == "triton" or (
+        impl == "auto" and kernels.supports(hidden, head_weight, codebook, latents, topk=topk, table=table)
+    ):
+        return kernels.fused_linear_snce_loss_triton(
+            hidden, head_weight, target, head_bias, codebook=codebook, latents=latents, tau=tau, metric=metric,
+            topk=topk, table=table, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        )
     _check_head(hidden, head_weight, head_bias)
     k, h = head_weight.shape
     target = _flatten_target(target, hidden.shape[:-1], "hidden")

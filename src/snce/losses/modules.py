@@ -64,13 +64,15 @@ class FusedLinearSNCELoss(_SNCEOptions):
     """SNCE of ``hidden @ head_weight.T + head_bias`` without materialising the (N, K) logits.
 
     Shape: hidden (..., H), head_weight (K, H), target (...), head_bias (K,) or None.
+    impl: "auto" | "torch" | "triton", see :func:`snce.functional.fused_linear_snce_loss`.
     """
 
     def __init__(self, codebook: torch.Tensor | None = None, tau: float | None = None, metric: str = "l2",
                  topk: int | None = None, table: NeighborTable | None = None, ignore_index: int = -100,
-                 reduction: str = "mean"):
+                 reduction: str = "mean", impl: str = "auto"):
         super().__init__(codebook, tau, metric, topk, table, ignore_index, reduction)
+        self.impl = impl
 
     def forward(self, hidden, head_weight, target, head_bias=None, latents=None, weight=None):
         return fused_linear_snce_loss(hidden, head_weight, target, head_bias, latents=latents, weight=weight,
-                                      **self._options())
+                                      impl=self.impl, **self._options())

@@ -145,7 +145,8 @@ def nearest_codes(
         logsumexp_tau: if given, also return logsumexp_k(-d(z, e_k) / tau) over ALL codes, (N,), in the same pass.
     Returns:
         distances (N, k) float32 ascending, indices (N, k) long [, log-normalizer (N,)].
-        Ties go to the lower code index.
+        For k=1 ties go to the lower code index; for k > 1 the order among exactly tied distances is
+        unspecified (torch.topk within a block), the distances are still exact.
     """
     check_search_inputs(z, codebook, metric)
     if not (isinstance(k, int) and 1 <= k <= codebook.shape[0]):
