@@ -1,7 +1,7 @@
 """A full SNCE training step at K = 65,536 never allocates the (tokens x K) logits.
 
 Probe: a TorchDispatchMode sees every aten op of the forward and the backward and records the largest tensor
-any op returns. The same probe on the unfused baseline (logits = hidden @ W.T, then the loss) does see a
+any op returns. The same probe on the unfused baseline (logits = hidden @ W.T, then ``snce_loss``) does see a
 (tokens x K) tensor, so the probe is shown to catch what it looks for.
 """
 
@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from snce.generators import build_generator
 from snce.generators.objectives import LossConfig, TokenLoss, generator_loss
-from snce.losses.reference import snce_loss_reference
+from snce.functional import snce_loss
 
 K, GRID, BATCH = 65536, (8, 8), 8  # 512 tokens: the logits would take 128 MiB in float32
 
@@ -50,8 +50,8 @@ def test_snce_training_step_never_holds_token_by_codebook_logits():
     assert fused.numel >= K * model.config.dim  # sanity: the probe sees the head-sized tensors
 
     model.zero_grad()
-    with LargestTensor() as unfused:  # the baseline: materialise the logits, then the dense loss
+    with LargestTensor() as unfused:  # the baseline: materialise the logits, then SNCE from logits
         hidden = model(tokens, classes).reshape(n_tokens, -1)
-        snce_loss_reference(hidden @ model.head.weight.T, tokens.reshape(-1), codebook=loss.codebook,
-                            tau=loss.tau, metric="l2").backward()
+        snce_loss(hidden @ model.head.weight.T, tokens.reshape(-1), codebook=loss.codebook, tau=loss.tau,
+                  metric="l2").backward()
     assert unfused.numel >= n_tokens * K

@@ -88,9 +88,8 @@ def test_zero_head_gives_uniform_prediction():
     model = AutoregressiveTransformer(ARConfig(**SMALL))
     with torch.no_grad():
         hidden = model(torch.randint(0, 50, (2, 3, 4)), torch.tensor([0, 4]))
+        ce = F.cross_entropy(model.logits(hidden).reshape(-1, 50), torch.randint(0, 50, (24,)))
     assert hidden.shape == (2, 12, 32)
-    logits = model.logits(hidden)
-    ce = F.cross_entropy(logits.reshape(-1, 50), torch.randint(0, 50, (24,)))
     assert float(ce) == pytest.approx(math.log(50), rel=1e-6)
 
 
