@@ -201,6 +201,8 @@ def train_generator(cfg: GeneratorRunConfig, *, resume: bool = False) -> Generat
     need_latents = cfg.loss.kind == "snce" and cfg.loss.targets == "latents"
     shards = TokenShards(cfg.shards, load_latents=need_latents)
     manifest = shards.manifest
+    if cfg.sample.cfg_scale is not None and manifest.num_classes == 0:
+        raise ConfigError("sample.cfg_scale", "needs class-conditional shards; these hold no classes (set it to null)")
     tokenizer = load_tokenizer(cfg.tokenizer, manifest) if cfg.tokenizer else None
     codebook = tokenizer.quantizer.codebook.detach().float() if tokenizer is not None else None
     metric = tokenizer.quantizer.metric if tokenizer is not None else None
