@@ -231,6 +231,7 @@ def test_every_quantizer_trains_and_round_trips(quantizer, tmp_path):
     assert torch.isfinite(loss) and tok.encoder.layers[0].weight.grad.abs().sum() > 0
     tok.eval().save_pretrained(tmp_path)
     back = Tokenizer.from_pretrained(tmp_path)
+    assert back.codebook_hash() == tok.codebook_hash()
     with torch.no_grad():
         enc = tok.encode(x)
         assert enc.indices.max() < tok.codebook_size

@@ -248,9 +248,9 @@ class Tokenizer(nn.Module):
         """sha256 of the quantizer's weights, which fix the codebook: identifies what indices mean."""
         h = hashlib.sha256(self.quantizer.metric.encode())
         for name, t in sorted(self.quantizer.state_dict().items()):
-            t = t.detach().cpu().contiguous()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            flat = t.detach().cpu().contiguous().reshape(-1)  # 1-D: any dtype views as bytes
+            h.update(flat.view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def full_config(self) -> dict:
