@@ -39,8 +39,12 @@ def to_search_space(x: torch.Tensor, metric: str) -> torch.Tensor:
 
 
 def code_offsets(codes: torch.Tensor, metric: str) -> torch.Tensor | None:
-    """(K, D) search-space codes -> (K,) additive score term (-||e||^2 for l2), or None."""
-    return -(codes * codes).sum(-1) if metric == "l2" else None
+    """(K, D) search-space codes -> (K,) additive score term (-||e||^2 for l2), or None.
+
+    A norm reduction, not ``(codes * codes).sum(-1)``: that would hold a (K, D) temporary (256 MiB at
+    K = 262,144, D = 256), more than all the score blocks together.
+    """
+    return -torch.linalg.vector_norm(codes, dim=-1).square() if metric == "l2" else None
 
 
 def block_scores(
