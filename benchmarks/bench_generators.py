@@ -55,11 +55,17 @@ def make_step(family, k, grid, batch, loss_name, codebook, budget_mb):
     torch.manual_seed(0)
     model = build_generator(family, "tiny", vocab_size=k, grid=(grid, grid), num_classes=10)
     spec = LOSSES[loss_name]
-    loss = unfused_ce if spec is None else TokenLoss(LossConfig(**spec, memory_budget_mb=budget_mb), codebook, "l2")
+    loss = (
+        unfused_ce
+        if spec is None
+        else TokenLoss(LossConfig(**spec, memory_budget_mb=budget_mb), codebook, "l2")
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
-        opt.zero_grad(set_to_none=False)  # keep the gradient buffers: they are not part of a step's peak
+        opt.zero_grad(
+            set_to_none=False
+        )  # keep the gradient buffers: they are not part of a step's peak
         generator_loss(model, tokens, classes, loss).backward()
         opt.step()
 
@@ -87,7 +93,18 @@ def peak_step_memory(family, k, grid, batch, loss_name, budget_mb) -> float:
 
 
 def measure_memory(family, k, grid, batch, loss_name, threads, budget_mb) -> float:
-    cmd = [sys.executable, __file__, "--memory", family, str(k), str(grid), str(batch), loss_name, str(threads), str(budget_mb)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory",
+        family,
+        str(k),
+        str(grid),
+        str(batch),
+        loss_name,
+        str(threads),
+        str(budget_mb),
+    ]
     # A fixed mmap threshold makes glibc return every large freed block at once, so memory freed by the warm-up
     # step is not reused silently and the high-water mark sees the step's real peak.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**16)}
@@ -115,30 +132,44 @@ def main() -> None:
     p.add_argument("--k", type=int, nargs="+", default=[1024, 16384], help="codebook sizes")
     p.add_argument("--grid", type=int, default=8, help="tokens per side")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3, help="timed training steps per configuration (median)")
+    p.add_argument(
+        "--steps", type=int, default=3, help="timed training steps per configuration (median)"
+    )
     p.add_argument("--samples", type=int, default=16, help="images per sampling measurement")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--families", nargs="+", default=["autoregressive", "masked_diffusion"])
     p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
-    p.add_argument("--budget-mb", type=int, default=64, help="fused losses' per-block buffer budget (MiB)")
+    p.add_argument(
+        "--budget-mb", type=int, default=64, help="fused losses' per-block buffer budget (MiB)"
+    )
     p.add_argument("--memory", nargs=7, help=argparse.SUPPRESS)  # internal: one memory probe
     args = p.parse_args()
     if args.memory:
         family, k, grid, batch, loss_name, threads, budget = args.memory
         torch.set_num_threads(int(threads))
-        print(json.dumps(peak_step_memory(family, int(k), int(grid), int(batch), loss_name, int(budget))))
+        print(
+            json.dumps(
+                peak_step_memory(family, int(k), int(grid), int(batch), loss_name, int(budget))
+            )
+        )
         return
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), fp32, tiny preset, {args.grid}x{args.grid} tokens, "
-          f"batch {args.batch} ({args.batch * args.grid**2} tokens), median of {args.steps} steps, "
-          f"fused-loss block budget {args.budget_mb} MiB\n")
-    print("| family | K | loss | step (s) | train tokens/s | speed vs ce-unfused | peak step memory (MiB) |")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), fp32, tiny preset, {args.grid}x{args.grid} tokens, "
+        f"batch {args.batch} ({args.batch * args.grid**2} tokens), median of {args.steps} steps, "
+        f"fused-loss block budget {args.budget_mb} MiB\n"
+    )
+    print(
+        "| family | K | loss | step (s) | train tokens/s | speed vs ce-unfused | peak step memory (MiB) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for k in args.k:
         codebook = torch.randn(k, 8, generator=torch.Generator().manual_seed(0))
         for family in args.families:
-            steps = {name: make_step(family, k, args.grid, args.batch, name, codebook, args.budget_mb)
-                     for name in args.losses}
+            steps = {
+                name: make_step(family, k, args.grid, args.batch, name, codebook, args.budget_mb)
+                for name in args.losses
+            }
             times = {name: [] for name in steps}
             for _ in range(args.steps):
                 for name, step in steps.items():
@@ -148,10 +179,15 @@ def main() -> None:
             del steps
             secs = {name: statistics.median(t) for name, t in times.items()}
             for name in args.losses:
-                mem = measure_memory(family, k, args.grid, args.batch, name, args.threads, args.budget_mb)
+                mem = measure_memory(
+                    family, k, args.grid, args.batch, name, args.threads, args.budget_mb
+                )
                 tps = args.batch * args.grid**2 / secs[name]
                 rel = f"{secs['ce-unfused'] / secs[name]:.2f}x" if "ce-unfused" in secs else "-"
-                print(f"| {family} | {k} | {name} | {secs[name]:.3f} | {tps:,.0f} | {rel} | {mem:.0f} |", flush=True)
+                print(
+                    f"| {family} | {k} | {name} | {secs[name]:.3f} | {tps:,.0f} | {rel} | {mem:.0f} |",
+                    flush=True,
+                )
     print("\n| family | K | CFG | sampling images/s |")
     print("|---|---|---|---|")
     for k in args.k:

@@ -8,9 +8,9 @@ any op returns. The same probe on the unfused baseline (logits = hidden @ W.T, t
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from snce.functional import snce_loss
 from snce.generators import build_generator
 from snce.generators.objectives import LossConfig, TokenLoss, generator_loss
-from snce.functional import snce_loss
 
 K, GRID, BATCH = 65536, (8, 8), 8  # 512 tokens: the logits would take 128 MiB in float32
 
@@ -29,8 +29,9 @@ class LargestTensor(TorchDispatchMode):
 
 
 def _setup():
-    model = build_generator("autoregressive", vocab_size=K, grid=GRID, num_classes=10, dim=32, n_layers=1,
-                            n_heads=2)
+    model = build_generator(
+        "autoregressive", vocab_size=K, grid=GRID, num_classes=10, dim=32, n_layers=1, n_heads=2
+    )
     codebook = torch.randn(K, 8)
     tokens = torch.randint(0, K, (BATCH, *GRID))
     classes = torch.randint(0, 10, (BATCH,))
@@ -52,6 +53,11 @@ def test_snce_training_step_never_holds_token_by_codebook_logits():
     model.zero_grad()
     with LargestTensor() as unfused:  # the baseline: materialise the logits, then SNCE from logits
         hidden = model(tokens, classes).reshape(n_tokens, -1)
-        snce_loss(hidden @ model.head.weight.T, tokens.reshape(-1), codebook=loss.codebook, tau=loss.tau,
-                  metric="l2").backward()
+        snce_loss(
+            hidden @ model.head.weight.T,
+            tokens.reshape(-1),
+            codebook=loss.codebook,
+            tau=loss.tau,
+            metric="l2",
+        ).backward()
     assert unfused.numel >= n_tokens * K

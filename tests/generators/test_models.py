@@ -20,7 +20,9 @@ SMALL = dict(dim=32, n_layers=2, n_heads=2, vocab_size=50, grid=(3, 4), num_clas
 
 
 def _randomise_head(model):
-    torch.nn.init.normal_(model.head.weight, std=0.3)  # the head starts at zero (LlamaGen); give it signal
+    torch.nn.init.normal_(
+        model.head.weight, std=0.3
+    )  # the head starts at zero (LlamaGen); give it signal
     return model
 
 
@@ -68,17 +70,23 @@ def test_rope_matches_complex_rotation_and_is_relative():
     # angle = row * f_j for the first hd/4 pairs, col * f_j for the rest, f_j = base^(-4j / hd).
     f = 10000.0 ** (-torch.arange(hd // 4, dtype=torch.float64) * 4 / hd)
     pos = torch.tensor([(r, c) for r in range(3) for c in range(5)], dtype=torch.float64)
-    angles = torch.cat([torch.zeros(1, hd // 2, dtype=torch.float64),
-                        torch.cat([pos[:, :1] * f, pos[:, 1:] * f], dim=1)])
+    angles = torch.cat(
+        [
+            torch.zeros(1, hd // 2, dtype=torch.float64),
+            torch.cat([pos[:, :1] * f, pos[:, 1:] * f], dim=1),
+        ]
+    )
     xc = torch.view_as_complex(x.double().reshape(2, 1, 16, hd // 2, 2).contiguous())
     expected = torch.view_as_real(xc * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
     torch.testing.assert_close(apply_rope(x, cos, sin).double(), expected, atol=1e-5, rtol=1e-5)
     # The class prefix is not rotated; q.k depends on grid offsets only.
     q, k = torch.randn(hd), torch.randn(hd)
+
     def score(pq, pk):
         rq = apply_rope(q.expand(1, 1, 16, hd), cos, sin)[0, 0, 1 + pq[0] * 5 + pq[1]]
         rk = apply_rope(k.expand(1, 1, 16, hd), cos, sin)[0, 0, 1 + pk[0] * 5 + pk[1]]
         return float(rq @ rk)
+
     assert score((0, 0), (1, 2)) == pytest.approx(score((1, 1), (2, 3)), rel=1e-4, abs=1e-5)
     torch.testing.assert_close(apply_rope(x, cos, sin)[:, :, 0], x[:, :, 0])
 
@@ -131,7 +139,9 @@ def test_class_dropout_uses_null_class():
     model = AutoregressiveTransformer(ARConfig(**{**SMALL, "class_dropout": 0.999999}))
     tokens = torch.randint(0, 50, (2, 12))
     dropped = model.train()(tokens, torch.tensor([1, 2]))
-    null = model.run(torch.cat([model.cls_emb(torch.tensor([5, 5]))[:, None], model.tok_emb(tokens[:, :-1])], 1))
+    null = model.run(
+        torch.cat([model.cls_emb(torch.tensor([5, 5]))[:, None], model.tok_emb(tokens[:, :-1])], 1)
+    )
     torch.testing.assert_close(dropped, null)
 
 

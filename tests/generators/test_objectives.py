@@ -1,7 +1,5 @@
 """The loss switch against dense hand-written losses, the masked corruption, and overfitting to the loss floor."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +8,13 @@ from snce.config import ConfigError
 from snce.functional import suggest_tau
 from snce.generators import build_generator
 from snce.generators.masked_diffusion import mask_ratio, mdlm_weight
-from snce.generators.objectives import LossConfig, TokenLoss, generator_loss, loss_terms, validation_loss
+from snce.generators.objectives import (
+    LossConfig,
+    TokenLoss,
+    generator_loss,
+    loss_terms,
+    validation_loss,
+)
 
 
 def _q(z, codebook, tau):
@@ -45,7 +49,9 @@ def test_ce_and_label_smoothing_match_dense(problem):
 
 
 def test_snce_modes_match_dense(problem):
-    hidden, w, y, cb, z = (problem[k] for k in ("hidden", "weight", "target", "codebook", "latents"))
+    hidden, w, y, cb, z = (
+        problem[k] for k in ("hidden", "weight", "target", "codebook", "latents")
+    )
     logits = hidden @ w.T
     codes = TokenLoss(LossConfig(kind="snce", tau=0.7), cb, "l2")
     torch.testing.assert_close(codes(hidden, w, y), _soft_ce(logits, _q(cb[y], cb, 0.7)))
@@ -57,7 +63,9 @@ def test_snce_modes_match_dense(problem):
     q = _q(cb[y], cb, 0.7)
     keep = q >= q.topk(4, dim=1).values[:, -1:]
     q_top = torch.where(keep, q, torch.zeros_like(q))
-    torch.testing.assert_close(table(hidden, w, y), _soft_ce(logits, q_top / q_top.sum(1, keepdim=True)))
+    torch.testing.assert_close(
+        table(hidden, w, y), _soft_ce(logits, q_top / q_top.sum(1, keepdim=True))
+    )
     # weights follow the "mean" convention: sum(weight * loss) / tokens
     tw = torch.rand(y.shape[0], dtype=torch.float64)
     per_token = -(_q(cb[y], cb, 0.7) * logits.log_softmax(1)).sum(1)
@@ -68,7 +76,13 @@ def test_tau_is_suggested_then_scaled(problem):
     cb = problem["codebook"].float()
     loss = TokenLoss(LossConfig(kind="snce", tau_scale=2.0), cb, "cosine")
     assert loss.tau == pytest.approx(2.0 * suggest_tau(cb, "cosine"))
-    assert loss.describe() == {"kind": "snce", "tau": loss.tau, "metric": "cosine", "topk": None, "targets": "codes"}
+    assert loss.describe() == {
+        "kind": "snce",
+        "tau": loss.tau,
+        "metric": "cosine",
+        "topk": None,
+        "targets": "codes",
+    }
 
 
 def test_loss_errors(problem):
@@ -90,15 +104,30 @@ def test_loss_errors(problem):
 def test_mdlm_weight_is_minus_log_derivative_of_schedule(schedule):
     r = torch.linspace(0.05, 0.9, 9, dtype=torch.float64)
     eps = 1e-6
-    numeric = -(mask_ratio(r + eps, schedule) - mask_ratio(r - eps, schedule)) / (2 * eps) / mask_ratio(r, schedule)
+    numeric = (
+        -(mask_ratio(r + eps, schedule) - mask_ratio(r - eps, schedule))
+        / (2 * eps)
+        / mask_ratio(r, schedule)
+    )
     torch.testing.assert_close(mdlm_weight(r, schedule), numeric, rtol=1e-5, atol=0)
     assert mask_ratio(torch.tensor(0.0, dtype=torch.float64), schedule) == 1.0
-    assert float(mask_ratio(torch.tensor(1.0, dtype=torch.float64), schedule)) == pytest.approx(0.0, abs=1e-12)
+    assert float(mask_ratio(torch.tensor(1.0, dtype=torch.float64), schedule)) == pytest.approx(
+        0.0, abs=1e-12
+    )
 
 
 def test_masked_corruption_counts_and_loss_positions():
-    model = build_generator("masked_diffusion", vocab_size=20, grid=(4, 5), num_classes=0, dim=16, n_layers=1,
-                            n_heads=1, schedule="linear", weighting="mdlm")
+    model = build_generator(
+        "masked_diffusion",
+        vocab_size=20,
+        grid=(4, 5),
+        num_classes=0,
+        dim=16,
+        n_layers=1,
+        n_heads=1,
+        schedule="linear",
+        weighting="mdlm",
+    )
     tokens = torch.randint(0, 20, (64, 20))
     inputs, masked, weight = model.corrupt(tokens)
     n = masked.sum(1)
@@ -119,8 +148,16 @@ def _overfit(family, kind, steps, lr):
     k = 24
     codebook = torch.randn(k, 4)
     tokens, classes = torch.randint(0, k, (4, 2, 4)), torch.arange(4)
-    model = build_generator(family, vocab_size=k, grid=(2, 4), num_classes=4, class_dropout=0.0,
-                            dim=48, n_layers=2, n_heads=2)
+    model = build_generator(
+        family,
+        vocab_size=k,
+        grid=(2, 4),
+        num_classes=4,
+        class_dropout=0.0,
+        dim=48,
+        n_layers=2,
+        n_heads=2,
+    )
     loss = TokenLoss(LossConfig(kind=kind, tau=1.5), codebook, "l2")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
@@ -133,16 +170,24 @@ def _overfit(family, kind, steps, lr):
         inputs = flat if family == "autoregressive" else torch.full_like(flat, k)
         logits = model.logits(model(inputs, classes)).reshape(-1, k).double()
     y = flat.reshape(-1)
-    q = F.one_hot(y, k).double() if kind == "ce" else _q(codebook.double()[y], codebook.double(), 1.5)
+    q = (
+        F.one_hot(y, k).double()
+        if kind == "ce"
+        else _q(codebook.double()[y], codebook.double(), 1.5)
+    )
     floor = float(-(q * q.clamp_min(1e-300).log()).sum(1).mean())  # entropy of q (0 for one-hot)
     return float(_soft_ce(logits, q)), floor, validation_loss(model, tokens, classes, loss)
 
 
-@pytest.mark.parametrize("family,steps,lr", [("autoregressive", 120, 1e-2), ("masked_diffusion", 220, 4e-3)])
+@pytest.mark.parametrize(
+    "family,steps,lr", [("autoregressive", 120, 1e-2), ("masked_diffusion", 220, 4e-3)]
+)
 @pytest.mark.parametrize("kind", ["ce", "snce"])
 def test_overfitting_reaches_the_loss_floor(family, kind, steps, lr):
     dense, floor, val = _overfit(family, kind, steps, lr)
     assert floor > (0.5 if kind == "snce" else -1)  # the SNCE floor is a real entropy, not ~0
     assert dense - floor < 0.03, (dense, floor)
-    if family == "autoregressive":  # validation_loss covers the same tokens: the same mean, via the fused path
+    if (
+        family == "autoregressive"
+    ):  # validation_loss covers the same tokens: the same mean, via the fused path
         assert val == pytest.approx(dense, abs=1e-4)

@@ -20,7 +20,9 @@ SMALL = dict(dim=32, n_layers=2, n_heads=2, vocab_size=40, grid=(4, 4), num_clas
 
 
 def _model(cls, cfg_cls, **kw):
-    model = cls(cfg_cls(**{**SMALL, **kw})).double()  # float64: sampled tokens cannot flip on rounding
+    model = cls(
+        cfg_cls(**{**SMALL, **kw})
+    ).double()  # float64: sampled tokens cannot flip on rounding
     torch.nn.init.normal_(model.head.weight, std=0.5)
     return model
 
@@ -39,7 +41,9 @@ def test_filter_logits_matches_brute_force():
             if top_k:
                 kept = kept[:top_k]
             if top_p < 1:
-                p = torch.softmax(row[kept], 0)  # nucleus after top-k: smallest prefix with mass >= top_p
+                p = torch.softmax(
+                    row[kept], 0
+                )  # nucleus after top-k: smallest prefix with mass >= top_p
                 n = next(i + 1 for i in range(len(kept)) if p[: i + 1].sum() >= top_p)
                 kept = kept[:n]
             expected = torch.full_like(row, -math.inf)
@@ -58,11 +62,15 @@ def test_sample_logits_follows_softmax():
 
 def test_guide_formula():
     cond, uncond = torch.randn(3, 7), torch.randn(3, 7)
-    torch.testing.assert_close(guide(torch.cat([cond, uncond]), 2.5), uncond + 2.5 * (cond - uncond))
+    torch.testing.assert_close(
+        guide(torch.cat([cond, uncond]), 2.5), uncond + 2.5 * (cond - uncond)
+    )
     torch.testing.assert_close(guide(cond, None), cond)
 
 
-@pytest.mark.parametrize("opts", [dict(), dict(cfg_scale=3.0, top_k=10, top_p=0.9, temperature=0.8)])
+@pytest.mark.parametrize(
+    "opts", [dict(), dict(cfg_scale=3.0, top_k=10, top_p=0.9, temperature=0.8)]
+)
 def test_autoregressive_kv_cache_equals_recompute(opts):
     model = _model(AutoregressiveTransformer, ARConfig)
     classes = torch.tensor([0, 2, 1])
@@ -75,8 +83,11 @@ def test_autoregressive_kv_cache_equals_recompute(opts):
 
 @pytest.mark.parametrize("family", ["autoregressive", "masked_diffusion"])
 def test_cfg_scale_one_equals_conditional(family):
-    model = (_model(AutoregressiveTransformer, ARConfig) if family == "autoregressive"
-             else _model(MaskedDiffusionTransformer, MaskedDiffusionConfig))
+    model = (
+        _model(AutoregressiveTransformer, ARConfig)
+        if family == "autoregressive"
+        else _model(MaskedDiffusionTransformer, MaskedDiffusionConfig)
+    )
     classes = torch.tensor([2, 0, 1, 1])
     cond = sample(model, classes, generator=_gen(3))
     guided = sample(model, classes, cfg_scale=1.0, generator=_gen(3))
@@ -101,19 +112,37 @@ def test_masked_sampler_reveals_everything_in_exactly_t_steps(schedule, steps):
     model = _model(MaskedDiffusionTransformer, MaskedDiffusionConfig)
     calls = []
     model.register_forward_pre_hook(lambda *a: calls.append(1))  # counts model(...) calls, if any
-    hook = model.norm.register_forward_hook(lambda *a: calls.append(1))  # one final norm per forward pass
+    hook = model.norm.register_forward_hook(
+        lambda *a: calls.append(1)
+    )  # one final norm per forward pass
     classes = torch.tensor([0, 1, 2])
-    out, history = sample_masked(model, classes, steps=steps, schedule=schedule, cfg_scale=2.0,
-                                 generator=_gen(5), return_history=True)
+    out, history = sample_masked(
+        model,
+        classes,
+        steps=steps,
+        schedule=schedule,
+        cfg_scale=2.0,
+        generator=_gen(5),
+        return_history=True,
+    )
     hook.remove()
     assert len(history) == steps and len(calls) == steps
     N, mask = 16, model.mask_id
-    masked = [int((h == mask).sum(dim=(1, 2)).unique().item()) for h in history]  # same count in every row
-    gamma = {"cosine": lambda r: math.cos(math.pi / 2 * r), "arccos": lambda r: math.acos(r) / (math.pi / 2),
-             "linear": lambda r: 1 - r}[schedule]
+    masked = [
+        int((h == mask).sum(dim=(1, 2)).unique().item()) for h in history
+    ]  # same count in every row
+    gamma = {
+        "cosine": lambda r: math.cos(math.pi / 2 * r),
+        "arccos": lambda r: math.acos(r) / (math.pi / 2),
+        "linear": lambda r: 1 - r,
+    }[schedule]
     left = N
     for t, m in enumerate(masked):
-        expected = 0 if t == steps - 1 else max(steps - 1 - t, min(left - 1, math.floor(N * gamma((t + 1) / steps))))
+        expected = (
+            0
+            if t == steps - 1
+            else max(steps - 1 - t, min(left - 1, math.floor(N * gamma((t + 1) / steps))))
+        )
         assert m == expected and m < left  # at least one token revealed per step
         left = m
     assert torch.equal(history[-1], out) and (out != mask).all() and (out < 40).all()

@@ -45,10 +45,18 @@ class AutoregressiveTransformer(GeneratorModel):
         cfg = self.config
         w = self.head.weight
         return KVCache(
-            cfg.n_layers, batch, cfg.n_heads, cfg.seq_len, cfg.dim // cfg.n_heads, dtype=w.dtype, device=w.device
+            cfg.n_layers,
+            batch,
+            cfg.n_heads,
+            cfg.seq_len,
+            cfg.dim // cfg.n_heads,
+            dtype=w.dtype,
+            device=w.device,
         )
 
-    def next_hidden(self, prefix: torch.Tensor, classes: torch.Tensor, cache: KVCache | None = None):
+    def next_hidden(
+        self, prefix: torch.Tensor, classes: torch.Tensor, cache: KVCache | None = None
+    ):
         """Hidden state (B, H) that predicts token ``prefix.shape[1]`` from the class and prefix (B, t).
 
         classes must already be valid label ids (see ``check_classes``); the null class gives the unconditional
@@ -59,6 +67,8 @@ class AutoregressiveTransformer(GeneratorModel):
             x = torch.cat([self.cls_emb(classes)[:, None], self.tok_emb(prefix)], dim=1)
         else:
             if cache.length != prefix.shape[1]:
-                raise ValueError(f"cache holds {cache.length} positions, expected prefix length {prefix.shape[1]}")
+                raise ValueError(
+                    f"cache holds {cache.length} positions, expected prefix length {prefix.shape[1]}"
+                )
             x = self.tok_emb(prefix[:, -1:])
         return self.run(x, cache)[:, -1]

@@ -56,11 +56,15 @@ class LossConfig(Config):
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError("label_smoothing", f"must lie in [0, 1), got {self.label_smoothing}")
         if self.tau is not None and not (math.isfinite(self.tau) and self.tau > 0):
-            raise ConfigError("tau", f"must be a finite number > 0 or null (suggested), got {self.tau}")
+            raise ConfigError(
+                "tau", f"must be a finite number > 0 or null (suggested), got {self.tau}"
+            )
         if not (math.isfinite(self.tau_scale) and self.tau_scale > 0):
             raise ConfigError("tau_scale", f"must be a finite number > 0, got {self.tau_scale}")
         if self.metric is not None and self.metric not in METRICS:
-            raise ConfigError("metric", f"must be one of {METRICS} or null (the tokenizer's), got {self.metric!r}")
+            raise ConfigError(
+                "metric", f"must be one of {METRICS} or null (the tokenizer's), got {self.metric!r}"
+            )
         if self.topk is not None and self.topk < 1:
             raise ConfigError("topk", f"must be an int >= 1 or null (all codes), got {self.topk}")
         if self.memory_budget_mb < 1:
@@ -94,7 +98,9 @@ class TokenLoss:
         if config.kind != "snce":
             return
         if not (torch.is_tensor(codebook) and codebook.dim() == 2 and codebook.is_floating_point()):
-            raise ValueError("loss kind 'snce' needs the tokenizer's codebook: a floating (K, D) tensor")
+            raise ValueError(
+                "loss kind 'snce' needs the tokenizer's codebook: a floating (K, D) tensor"
+            )
         if config.targets == "latents" and not has_latents:
             raise ValueError(
                 "loss.targets='latents' needs shards that hold latents (tokenize with latents on), "
@@ -102,7 +108,9 @@ class TokenLoss:
             )
         self.metric = config.metric or metric
         if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS} (loss.metric or the tokenizer's), got {self.metric!r}")
+            raise ValueError(
+                f"metric must be one of {METRICS} (loss.metric or the tokenizer's), got {self.metric!r}"
+            )
         self.codebook = codebook.detach().to(_at_least_fp32(codebook.dtype))
         base = config.tau if config.tau is not None else suggest_tau(self.codebook, self.metric)
         self.tau = float(base) * config.tau_scale
@@ -127,16 +135,25 @@ class TokenLoss:
         if self.config.kind == "label_smoothing":
             d["label_smoothing"] = self.config.label_smoothing
         if self.config.kind == "snce":
-            d.update(tau=self.tau, metric=self.metric, topk=self.config.topk, targets=self.config.targets)
+            d.update(
+                tau=self.tau, metric=self.metric, topk=self.config.topk, targets=self.config.targets
+            )
         return d
 
-    def __call__(self, hidden, head_weight, target, latents=None, weight=None, reduction: str = "mean"):
+    def __call__(
+        self, hidden, head_weight, target, latents=None, weight=None, reduction: str = "mean"
+    ):
         """hidden (N, H), head_weight (K, H), target (N,) long, latents (N, D) or None, weight (N,) or None."""
         cfg = self.config
         if cfg.kind != "snce":
             smoothing = cfg.label_smoothing if cfg.kind == "label_smoothing" else 0.0
             return fused_linear_cross_entropy(
-                hidden, head_weight, target, label_smoothing=smoothing, weight=weight, reduction=reduction,
+                hidden,
+                head_weight,
+                target,
+                label_smoothing=smoothing,
+                weight=weight,
+                reduction=reduction,
                 memory_budget=self.memory_budget,
             )
         if self.num_codes != head_weight.shape[0]:
@@ -151,12 +168,27 @@ class TokenLoss:
             latents = None
         if self.table is not None:
             return fused_linear_snce_loss(
-                hidden, head_weight, target, table=self.table, metric=self.metric, weight=weight,
-                reduction=reduction, memory_budget=self.memory_budget,
+                hidden,
+                head_weight,
+                target,
+                table=self.table,
+                metric=self.metric,
+                weight=weight,
+                reduction=reduction,
+                memory_budget=self.memory_budget,
             )
         return fused_linear_snce_loss(
-            hidden, head_weight, target, codebook=self.codebook, latents=latents, tau=self.tau,
-            metric=self.metric, topk=cfg.topk, weight=weight, reduction=reduction, memory_budget=self.memory_budget,
+            hidden,
+            head_weight,
+            target,
+            codebook=self.codebook,
+            latents=latents,
+            tau=self.tau,
+            metric=self.metric,
+            topk=cfg.topk,
+            weight=weight,
+            reduction=reduction,
+            memory_budget=self.memory_budget,
         )
 
 
@@ -195,7 +227,9 @@ def loss_terms(model, tokens, classes, latents=None, generator=None):
     raise TypeError(f"model must be a snce generator, got {type(core).__name__}")
 
 
-def generator_loss(model, tokens, classes, loss: TokenLoss, latents=None, generator=None) -> torch.Tensor:
+def generator_loss(
+    model, tokens, classes, loss: TokenLoss, latents=None, generator=None
+) -> torch.Tensor:
     """Mean training loss of one batch (arguments as :func:`loss_terms`)."""
     hidden, head_weight, target, z, w = loss_terms(model, tokens, classes, latents, generator)
     return loss(hidden, head_weight, target, latents=z, weight=w)

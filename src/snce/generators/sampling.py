@@ -31,7 +31,9 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
+        drop_sorted = (
+            probs.cumsum(dim=-1) - probs >= top_p
+        )  # mass before this token already reaches top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, -math.inf)
     return logits
@@ -57,7 +59,9 @@ def sample_logits(
     distribution the token was drawn from).
     """
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    tokens = (logits + gumbel_noise(logits.shape, device=logits.device, generator=generator)).argmax(dim=-1)
+    tokens = (
+        logits + gumbel_noise(logits.shape, device=logits.device, generator=generator)
+    ).argmax(dim=-1)
     logp = logits.log_softmax(dim=-1).gather(-1, tokens[..., None])[..., 0]
     return tokens, logp
 
@@ -82,7 +86,9 @@ def _prepare(model, classes, num_samples, cfg_scale, temperature, top_k, top_p):
         labels = model.check_classes(classes, num_samples)
     if cfg_scale is not None:
         if model.config.num_classes == 0:
-            raise ValueError("cfg_scale needs a class-conditional model; this one has num_classes=0")
+            raise ValueError(
+                "cfg_scale needs a class-conditional model; this one has num_classes=0"
+            )
         if not (isinstance(cfg_scale, int | float) and math.isfinite(cfg_scale)):
             raise ValueError(f"cfg_scale must be a finite number or None, got {cfg_scale!r}")
         labels = torch.cat([labels, torch.full_like(labels, model.null_class)])
@@ -120,7 +126,9 @@ def sample_autoregressive(
         prefix = tokens if cfg_scale is None else tokens.repeat(2, 1)
         hidden = model.next_hidden(prefix, labels, cache)  # (B or 2B, H)
         logits = guide(model.logits(hidden), cfg_scale)
-        nxt, _ = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        nxt, _ = sample_logits(
+            logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+        )
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
     model.train(was_training)
     return tokens.view(B, *model.config.grid)
@@ -157,7 +165,9 @@ def sample_masked(
     labels, B = _prepare(model, classes, num_samples, cfg_scale, temperature, top_k, top_p)
     N = model.config.seq_len
     if isinstance(steps, bool) or not (isinstance(steps, int) and 1 <= steps <= N):
-        raise ValueError(f"steps must be an int in [1, {N}] (at least one token is revealed per step), got {steps!r}")
+        raise ValueError(
+            f"steps must be an int in [1, {N}] (at least one token is revealed per step), got {steps!r}"
+        )
     schedule = model.config.schedule if schedule is None else schedule
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -172,8 +182,12 @@ def sample_masked(
         inputs = tokens if cfg_scale is None else tokens.repeat(2, 1)
         hidden = model.hidden(inputs, labels)  # (B or 2B, N, H)
         sel = unknown if cfg_scale is None else unknown.repeat(2, 1)
-        logits = guide(model.logits(hidden[sel]), cfg_scale)  # (masked tokens, K): logits at masked slots only
-        drawn, logp = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        logits = guide(
+            model.logits(hidden[sel]), cfg_scale
+        )  # (masked tokens, K): logits at masked slots only
+        drawn, logp = sample_logits(
+            logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+        )
         sampled = tokens.clone()
         sampled[unknown] = drawn
         if t == steps - 1:
@@ -181,8 +195,14 @@ def sample_masked(
         else:
             ratio = (t + 1) / steps
             n_unknown = int(unknown[0].sum())
-            mask_len = int(math.floor(N * float(mask_ratio(torch.tensor(ratio, dtype=torch.float64), schedule))))
-            mask_len = max(steps - 1 - t, min(n_unknown - 1, mask_len))  # >= 1 left per remaining step
+            mask_len = int(
+                math.floor(
+                    N * float(mask_ratio(torch.tensor(ratio, dtype=torch.float64), schedule))
+                )
+            )
+            mask_len = max(
+                steps - 1 - t, min(n_unknown - 1, mask_len)
+            )  # >= 1 left per remaining step
             confidence = torch.full((B, N), math.inf, device=tokens.device)
             noise = gumbel_noise(logp.shape, device=tokens.device, generator=generator)
             confidence[unknown] = logp + choice_temperature * (1.0 - ratio) * noise

@@ -107,7 +107,9 @@ class GeneratorConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys {unknown}; expected a subset of {sorted(known)}")
+            raise ValueError(
+                f"unknown {cls.__name__} keys {unknown}; expected a subset of {sorted(known)}"
+            )
         return cls(**d)
 
     @classmethod
@@ -158,7 +160,9 @@ def rope_2d(grid: tuple[int, int], head_dim: int, n_prefix: int, base: float = 1
     index (LlamaGen's 2-D RoPE); prefix tokens are not rotated. Returns cos, sin: (n_prefix + h*w, hd/2).
     """
     h, w = grid
-    freqs = 1.0 / base ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float64) / (head_dim // 2))  # (hd/4,)
+    freqs = 1.0 / base ** (
+        torch.arange(0, head_dim // 2, 2, dtype=torch.float64) / (head_dim // 2)
+    )  # (hd/4,)
     rows = torch.arange(h, dtype=torch.float64)[:, None, None] * freqs  # (h, 1, hd/4)
     cols = torch.arange(w, dtype=torch.float64)[None, :, None] * freqs  # (1, w, hd/4)
     angles = torch.cat([rows.expand(h, w, -1), cols.expand(h, w, -1)], dim=-1).reshape(h * w, -1)
@@ -177,7 +181,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Keys and values of every layer for incremental decoding: (B, nh, max_len, hd) per layer."""
 
-    def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, *, dtype, device):
+    def __init__(
+        self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, *, dtype, device
+    ):
         shape = (batch, n_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
@@ -204,9 +210,15 @@ class Attention(nn.Module):
             cache.v[layer][:, :, start : start + L] = v
             k, v = cache.k[layer][:, :, : start + L], cache.v[layer][:, :, : start + L]
             q = q.to(k.dtype)  # under autocast q is bf16 while the cache keeps the weights' dtype
-            if causal and start > 0:  # queries at start..start+L-1 see keys up to their own position
+            if (
+                causal and start > 0
+            ):  # queries at start..start+L-1 see keys up to their own position
                 is_causal = False
-                mask = torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start) if L > 1 else None
+                mask = (
+                    torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start)
+                    if L > 1
+                    else None
+                )
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, L, H)))
 
@@ -237,7 +249,9 @@ class GeneratorModel(nn.Module):
     def __init__(self, config: GeneratorConfig):
         super().__init__()
         if not isinstance(config, self.config_class):
-            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
+            raise TypeError(
+                f"config must be a {self.config_class.__name__}, got {type(config).__name__}"
+            )
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size + self.extra_tokens, config.dim)
         self.cls_emb = nn.Embedding(config.num_classes + 1, config.dim)  # last row: null class
@@ -274,28 +288,46 @@ class GeneratorModel(nn.Module):
         if classes is None:
             if n > 0:
                 raise ValueError(f"classes must be given: the model is conditional on {n} classes")
-            return torch.full((batch or 1,), self.null_class, dtype=torch.long, device=self.head.weight.device)
+            return torch.full(
+                (batch or 1,), self.null_class, dtype=torch.long, device=self.head.weight.device
+            )
         classes = torch.as_tensor(classes, device=self.head.weight.device)
         if classes.dim() != 1 or classes.dtype.is_floating_point:
-            raise ValueError(f"classes must be a 1-D integer tensor (B,), got shape {tuple(classes.shape)}")
+            raise ValueError(
+                f"classes must be a 1-D integer tensor (B,), got shape {tuple(classes.shape)}"
+            )
         if batch is not None and classes.shape[0] != batch:
-            raise ValueError(f"classes must hold {batch} labels (one per sample), got {classes.shape[0]}")
+            raise ValueError(
+                f"classes must hold {batch} labels (one per sample), got {classes.shape[0]}"
+            )
         if n == 0:
             if (classes != 0).any():
                 raise ValueError("the model is unconditional (num_classes=0): pass classes=None")
             return torch.full_like(classes, self.null_class, dtype=torch.long)
         if classes.numel() and (classes.min() < 0 or classes.max() >= n):
-            raise ValueError(f"class ids must lie in [0, {n}), got min {classes.min()}, max {classes.max()}")
+            raise ValueError(
+                f"class ids must lie in [0, {n}), got min {classes.min()}, max {classes.max()}"
+            )
         return classes.long()
 
-    def check_tokens(self, tokens: torch.Tensor, name: str = "tokens", extra: int = 0) -> torch.Tensor:
+    def check_tokens(
+        self, tokens: torch.Tensor, name: str = "tokens", extra: int = 0
+    ) -> torch.Tensor:
         """(B, h, w) or (B, N) token ids in [0, K + extra) -> (B, N) long."""
-        if not torch.is_tensor(tokens) or tokens.dtype.is_floating_point or tokens.dim() not in (2, 3):
-            raise ValueError(f"{name} must be an integer tensor (B, N) or (B, h, w), got {_describe(tokens)}")
+        if (
+            not torch.is_tensor(tokens)
+            or tokens.dtype.is_floating_point
+            or tokens.dim() not in (2, 3)
+        ):
+            raise ValueError(
+                f"{name} must be an integer tensor (B, N) or (B, h, w), got {_describe(tokens)}"
+            )
         tokens = tokens.reshape(tokens.shape[0], -1).long()
         limit = self.config.vocab_size + extra
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= limit):
-            raise ValueError(f"{name} must lie in [0, {limit}), got min {tokens.min()}, max {tokens.max()}")
+            raise ValueError(
+                f"{name} must lie in [0, {limit}), got min {tokens.min()}, max {tokens.max()}"
+            )
         return tokens
 
     def class_prefix(self, classes: torch.Tensor) -> torch.Tensor:
@@ -309,8 +341,13 @@ class GeneratorModel(nn.Module):
         """Input embeddings (B, L, H) at positions [start, start + L) -> normalised hidden states (B, L, H)."""
         start = 0 if cache is None else cache.length
         if start + x.shape[1] > self.rope_cos.shape[0]:
-            raise ValueError(f"sequence of {start + x.shape[1]} positions exceeds the model's {self.rope_cos.shape[0]}")
-        cos, sin = self.rope_cos[start : start + x.shape[1]], self.rope_sin[start : start + x.shape[1]]
+            raise ValueError(
+                f"sequence of {start + x.shape[1]} positions exceeds the model's {self.rope_cos.shape[0]}"
+            )
+        cos, sin = (
+            self.rope_cos[start : start + x.shape[1]],
+            self.rope_sin[start : start + x.shape[1]],
+        )
         x = self.emb_drop(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, causal=self.causal, cache=cache, layer=i)
@@ -331,7 +368,9 @@ class GeneratorModel(nn.Module):
         directory = Path(directory)
         weights, config = directory / "model.safetensors", directory / "config.json"
         if not overwrite and (weights.exists() or config.exists()):
-            raise FileExistsError(f"{directory} already holds a model; pass overwrite=True to replace it")
+            raise FileExistsError(
+                f"{directory} already holds a model; pass overwrite=True to replace it"
+            )
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         _atomic_write(weights, lambda p: save_file(state, str(p)))
@@ -347,7 +386,9 @@ class GeneratorModel(nn.Module):
         if not config_path.exists():
             raise FileNotFoundError(f"no config.json in {directory}: not a saved generator")
         model = cls(cls.config_class.from_dict(json.loads(config_path.read_text())))
-        model.load_state_dict(load_file(str(directory / "model.safetensors"), device=str(map_location)))
+        model.load_state_dict(
+            load_file(str(directory / "model.safetensors"), device=str(map_location))
+        )
         return model
 
 
@@ -363,4 +404,13 @@ def _describe(x) -> str:
     return type(x).__name__
 
 
-__all__ = ["PRESETS", "GeneratorConfig", "GeneratorModel", "KVCache", "RMSNorm", "SwiGLU", "apply_rope", "rope_2d"]
+__all__ = [
+    "PRESETS",
+    "GeneratorConfig",
+    "GeneratorModel",
+    "KVCache",
+    "RMSNorm",
+    "SwiGLU",
+    "apply_rope",
+    "rope_2d",
+]

@@ -62,7 +62,12 @@ class SampleConfig(Config):
 
     def kwargs(self, family: str) -> dict:
         """Keyword arguments of the family's sampler."""
-        kw = dict(cfg_scale=self.cfg_scale, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        kw = dict(
+            cfg_scale=self.cfg_scale,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+        )
         if family == "masked_diffusion":
             kw.update(steps=self.steps, choice_temperature=self.choice_temperature)
         return kw
@@ -90,20 +95,31 @@ class GeneratorRunConfig(Config):
 
     def check(self) -> None:
         if not self.shards:
-            raise ConfigError("shards", "is required: a token shard directory written by `snce tokenize`")
+            raise ConfigError(
+                "shards", "is required: a token shard directory written by `snce tokenize`"
+            )
         for name in ("shards", "val_shards"):
             path = getattr(self, name)
             if path and not (Path(path) / "manifest.json").is_file():
-                raise ConfigError(name, f"{path!r} is not a token shard directory (no manifest.json)")
+                raise ConfigError(
+                    name, f"{path!r} is not a token shard directory (no manifest.json)"
+                )
         if self.tokenizer and not (Path(self.tokenizer) / "config.json").is_file():
-            raise ConfigError("tokenizer", f"{self.tokenizer!r} is not a tokenizer directory (no config.json)")
+            raise ConfigError(
+                "tokenizer", f"{self.tokenizer!r} is not a tokenizer directory (no config.json)"
+            )
         if self.preset not in PRESETS:
             raise ConfigError("preset", f"must be one of {sorted(PRESETS)}, got {self.preset!r}")
         fixed = sorted(set(self.model) & set(ARCH_FROM_SHARDS))
         if fixed:
-            raise ConfigError(f"model.{fixed[0]}", "comes from the token shards' manifest; remove it")
+            raise ConfigError(
+                f"model.{fixed[0]}", "comes from the token shards' manifest; remove it"
+            )
         if self.loss.kind == "snce" and not self.tokenizer:
-            raise ConfigError("tokenizer", "loss.kind=snce needs the tokenizer that made the shards (its codebook)")
+            raise ConfigError(
+                "tokenizer",
+                "loss.kind=snce needs the tokenizer that made the shards (its codebook)",
+            )
 
 
 def build_model(cfg: GeneratorRunConfig, manifest: ShardManifest) -> GeneratorModel:
@@ -184,8 +200,12 @@ def sample_images(
     for start in range(0, total, batch_size):
         n = min(batch_size, total - start)
         c = None if classes is None else torch.as_tensor(classes[start : start + n], device=device)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
-            t = sample(model, c, num_samples=None if c is not None else n, generator=generator, **kwargs)
+        with (
+            torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        ):
+            t = sample(
+                model, c, num_samples=None if c is not None else n, generator=generator, **kwargs
+            )
         tokens.append(t.cpu())
         if tokenizer is not None:
             images.append(tokenizer.to(device).decode(t).float().clamp(-1, 1).cpu())
@@ -202,7 +222,10 @@ def train_generator(cfg: GeneratorRunConfig, *, resume: bool = False) -> Generat
     shards = TokenShards(cfg.shards, load_latents=need_latents)
     manifest = shards.manifest
     if cfg.sample.cfg_scale is not None and manifest.num_classes == 0:
-        raise ConfigError("sample.cfg_scale", "needs class-conditional shards; these hold no classes (set it to null)")
+        raise ConfigError(
+            "sample.cfg_scale",
+            "needs class-conditional shards; these hold no classes (set it to null)",
+        )
     tokenizer = load_tokenizer(cfg.tokenizer, manifest) if cfg.tokenizer else None
     codebook = tokenizer.quantizer.codebook.detach().float() if tokenizer is not None else None
     metric = tokenizer.quantizer.metric if tokenizer is not None else None
@@ -211,7 +234,9 @@ def train_generator(cfg: GeneratorRunConfig, *, resume: bool = False) -> Generat
     if cfg.val_shards:
         val = TokenShards(cfg.val_shards, load_latents=need_latents)
         if val.manifest.codebook_hash != manifest.codebook_hash:
-            raise ValueError("val_shards were made by a different tokenizer than shards (codebook hashes differ)")
+            raise ValueError(
+                "val_shards were made by a different tokenizer than shards (codebook hashes differ)"
+            )
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, manifest)
 
@@ -221,19 +246,29 @@ def train_generator(cfg: GeneratorRunConfig, *, resume: bool = False) -> Generat
         classes = grid_classes(model, cfg.sample.num_images)
 
         def make_images(m: GeneratorModel) -> torch.Tensor:
-            gen = torch.Generator(device=device).manual_seed(cfg.train.seed)  # the same noise at every step
+            gen = torch.Generator(device=device).manual_seed(
+                cfg.train.seed
+            )  # the same noise at every step
             n = None if classes is not None else cfg.sample.num_images
             return sample_images(m, tokenizer, classes, cfg.sample, num_samples=n, generator=gen)[1]
 
-        nrow = None if classes is None else max(1, len(classes) // min(model.config.num_classes, 10))
-        callbacks.append(ImageCallback(cfg.train.image_every, make_images, name="samples", nrow=nrow, scale=4))
+        nrow = (
+            None if classes is None else max(1, len(classes) // min(model.config.num_classes, 10))
+        )
+        callbacks.append(
+            ImageCallback(cfg.train.image_every, make_images, name="samples", nrow=nrow, scale=4)
+        )
     if val is not None:
         losses = {"val_loss": loss}
         if cfg.loss.kind != "ce":
             losses["val_ce"] = TokenLoss(LossConfig(kind="ce"))
         callbacks.append(ValidationCallback(val, losses, cfg.train.seed))
 
-    info = {"loss": loss.describe(), "codebook_hash": manifest.codebook_hash, "num_params": model.num_params()}
+    info = {
+        "loss": loss.describe(),
+        "codebook_hash": manifest.codebook_hash,
+        "num_params": model.num_params(),
+    }
     trainer = Trainer(
         model, GeneratorObjective(loss), shards, cfg.train, config={**cfg.to_dict(), "resolved": info},
         callbacks=callbacks, resume=resume,
@@ -282,5 +317,7 @@ def load_for_sampling(checkpoint: str, tokenizer: str | None = None, device="cpu
                 f"{tok.codebook_hash()[:16]}..., the generator's shards to {expected[:16]}..."
             )
         if tok.codebook_size != model.config.vocab_size:
-            raise ValueError(f"tokenizer has {tok.codebook_size} codes, the generator predicts {model.config.vocab_size}")
+            raise ValueError(
+                f"tokenizer has {tok.codebook_size} codes, the generator predicts {model.config.vocab_size}"
+            )
     return model, tok, run
