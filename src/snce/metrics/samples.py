@@ -66,15 +66,16 @@ def evaluate_samples(
     inception_weights: str | None = None,
     cache_dir: str | os.PathLike = DEFAULT_CACHE,
     seed: int = 0,
+    **domain_kwargs,
 ) -> dict:
     """FID/KID/IS/precision/recall (and class consistency, code statistics when possible) of ``images``
-    against the training split of ``data``."""
+    against the training split of ``data``. ``domain_kwargs`` go to the domain classifier's training."""
     train = build_dataset(data, split="train")
     real, real_labels = zip(*(train[i] for i in range(len(train))), strict=True)
     real, real_labels = torch.stack(real), torch.as_tensor(real_labels)
     net, info = feature_network(
         real, real_labels, dataset=f"{data.kind}{data.size}px", cache_dir=cache_dir,
-        inception_weights=inception_weights, seed=seed,
+        inception_weights=inception_weights, seed=seed, **domain_kwargs,
     )  # fmt: skip
     evaluator = ImageEvaluator(net, real, class_logits=info["class_logits"], seed=seed)
     metrics = {"num_samples": images.shape[0], **evaluator(images, labels), "features": info}

@@ -144,12 +144,17 @@ def sample_grids(runs: list[dict], out: Path, real: torch.Tensor) -> list[Path]:
                         np.asarray(Image.open(path)),
                     )
                 )
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+        h, w = real_grid.shape[:2]
+        fig, axes = plt.subplots(
+            1, len(panels), figsize=(3.2 * len(panels), 3.2 * h / w + 1.0), squeeze=False
+        )
         for ax, (title, img) in zip(axes[0], panels, strict=True):
             ax.imshow(img, interpolation="nearest")
             ax.set_title(title, fontsize=9)
             ax.axis("off")
-        fig.suptitle(f"{family}, K={K}: final samples (classes 0..9 per row)", fontsize=10)
+        fig.suptitle(
+            f"{family}, K={K}: final samples (classes 0, 1, 2, ... along each row)", fontsize=10
+        )
         fig.tight_layout()
         paths.append(_save_figure(fig, out / "plots" / f"samples_k{K}_{family}.png"))
         plt.close(fig)
