@@ -32,6 +32,8 @@ from snce.quantize.base import Quantizer, check_nonnegative, check_positive_int
 from snce.quantize.search import code_blocks
 
 IBQ_BLOCK_BYTES = 32 * 2**20
+# exp() below this underflows to float32 denormals, which are ~10x slower on CPUs; such p are set to 0.
+LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
 
 
 class IBQuantizer(Quantizer):
@@ -248,7 +250,7 @@ def softmax_stats(
         block_max, block_arg = s.max(dim=1)
         old = row_max[rows]
         new = torch.maximum(old, block_max)
-        block_sum = (s - new[:, None]).exp_().sum(dim=1).log_()
+        block_sum = (s - new[:, None]).clamp_min_(LOG_TINY).exp_().sum(dim=1).log_()
         log_sum[rows] = torch.logaddexp(log_sum[rows] + (old - new), block_sum)
         argmax[rows] = torch.where(block_max > old, block_arg + codes.start, argmax[rows])
         row_max[rows] = new
@@ -259,8 +261,9 @@ def _prob_blocks(z, E, stats, scale, max_block_bytes):
     """Yield (rows, codes, p, log p) blocks of p = softmax(scale * z E^T), stats = (row max, log-sum)."""
     row_max, log_sum = stats
     for rows, codes, s in code_blocks(z, E, "dot", scale=scale, max_block_bytes=max_block_bytes):
-        log_p = s.sub_(row_max[rows, None]).sub_(log_sum[rows, None])
-        yield rows, codes, log_p.exp(), log_p
+        log_p = s.sub_(row_max[rows, None]).sub_(log_sum[rows, None]).clamp_min_(LOG_TINY)
+        p = log_p.exp().masked_fill_(log_p <= LOG_TINY, 0.0)  # no denormals (see LOG_TINY)
+        yield rows, codes, p, log_p
 
 
 def _soft_blocks(z, E, stats, scale, g, max_block_bytes):
