@@ -42,7 +42,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 def gumbel_noise(shape, *, device, generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard Gumbel samples -log(-log U), float32."""
     u = torch.rand(shape, device=device, generator=generator).clamp_(1e-20, 1.0 - 1e-7)
-    return -torch.log(-torch.log(u))
+    return u.log_().neg_().log_().neg_()  # in place: sampling touches (tokens x K) of these
 
 
 def sample_logits(
@@ -59,10 +59,9 @@ def sample_logits(
     distribution the token was drawn from).
     """
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    tokens = (
-        logits + gumbel_noise(logits.shape, device=logits.device, generator=generator)
-    ).argmax(dim=-1)
-    logp = logits.log_softmax(dim=-1).gather(-1, tokens[..., None])[..., 0]
+    noise = gumbel_noise(logits.shape, device=logits.device, generator=generator)
+    tokens = noise.add_(logits).argmax(dim=-1)
+    logp = logits.gather(-1, tokens[..., None])[..., 0] - logits.logsumexp(dim=-1)
     return tokens, logp
 
 
