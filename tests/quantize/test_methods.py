@@ -142,12 +142,15 @@ def test_regvq_contrastive_loss_with_local_weights(tmp_path):
     q(torch.randn(2, 6, 4, 4))  # training forward: token weights on the 4 x 4 grid
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     recon = (images + 0.1 * torch.randn_like(images)).requires_grad_()
+    assert not any("vgg" in name for name in q.state_dict())  # the VGG weights stay in their file
     loss = q.contrastive_loss(images, recon)
     loss.backward()
     assert loss > 0 and torch.isfinite(loss)
     assert recon.grad.abs().sum() > 0
     q.token_weights.zero_()  # no token sampled away from its argmax code: nothing to contrast
     assert q.contrastive_loss(images, recon) == 0
+    with pytest.raises(FileNotFoundError, match="perceptual_weights"):
+        VGG19Features.from_file(str(tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="not a VGG-19 state dict"):
         torch.save({"features.0.weight": torch.zeros(1)}, path)
         VGG19Features.from_file(str(path))

@@ -25,6 +25,7 @@ The (N, K) softmaxes are dense here: use this quantizer for codebooks up to ~16k
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -143,10 +144,11 @@ class RegularizedQuantizer(Quantizer):
         embed = torch.empty(codebook_size, dim).uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
         self.embed = nn.Parameter(F.normalize(embed, dim=-1) if metric == "cosine" else embed)
         self.register_buffer("log_prior", _log_prior(prior, codebook_size))
-        self.vgg = None
-        if perceptual_weights is not None:
-            self.vgg = VGG19Features.from_file(perceptual_weights)
-        elif self.contrastive_weight > 0:
+        # The VGG-19 is loaded on the first contrastive_loss call and kept out of the state dict: its weights
+        # stay in their file, and a tokenizer loaded for inference never needs it.
+        self.perceptual_weights = perceptual_weights
+        self._vgg: list[VGG19Features] = []
+        if perceptual_weights is None and self.contrastive_weight > 0:
             warnings.warn(
                 "RegularizedQuantizer: the probabilistic contrastive loss is off because no perceptual_weights "
                 "were given (pass the path of a local VGG-19 state dict to turn it on, or contrastive_weight=0 "
@@ -154,7 +156,7 @@ class RegularizedQuantizer(Quantizer):
                 stacklevel=2,
             )
         self.token_weights: torch.Tensor | None = (
-            None  # ||e_sampled - e_argmax||^2 of the last training batch
+            None  # ||e_sampled - e_argmax||^2, last training batch
         )
 
     @property
@@ -219,7 +221,7 @@ class RegularizedQuantizer(Quantizer):
         grid gives the positive weights). Returns 0 when the loss is off or no token was sampled away from
         its argmax code.
         """
-        if self.vgg is None or self.contrastive_weight == 0:
+        if self.perceptual_weights is None or self.contrastive_weight == 0:
             return reconstructions.new_zeros(())
         if images.shape != reconstructions.shape or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(
@@ -232,9 +234,12 @@ class RegularizedQuantizer(Quantizer):
                 "contrastive_loss needs a training forward on (B, D, H, W) latents of the same batch first"
             )
         weights = weights[:, None].float()  # (B, 1, h, w)
+        if not self._vgg:
+            self._vgg.append(VGG19Features.from_file(self.perceptual_weights))
+        vgg = self._vgg[0].to(reconstructions.device)
         with torch.no_grad():
-            feats_img = self.vgg(images)
-        feats_rec = self.vgg(reconstructions)
+            feats_img = vgg(images)
+        feats_rec = vgg(reconstructions)
         total = reconstructions.new_zeros(())
         for f_img, f_rec in zip(feats_img, feats_rec, strict=True):
             total = total + self._patch_nce(f_img, f_rec, weights)
@@ -285,6 +290,10 @@ class VGG19Features(nn.Module):
     @classmethod
     def from_file(cls, path: str) -> VGG19Features:
         """Load ``features.*`` weights from a local state-dict file (.pth or .safetensors); never downloads."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"perceptual_weights: no file at {path!r} (a local VGG-19 state dict)"
+            )
         if str(path).endswith(".safetensors"):
             from safetensors.torch import load_file
 
