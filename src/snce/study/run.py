@@ -94,7 +94,7 @@ def prepare_tokenizer(cfg: StudyConfig, K: int, out: Path, is_main: bool) -> tup
     train = replace(t.train, out_dir=str(run_dir), seed=cfg.seed, device=cfg.device)
     run_cfg = TokenizerRunConfig(data=cfg.data, model=model, loss=t.loss, train=train)
     if is_main:
-        check_spec(run_dir, {k: v for k, v in run_cfg.to_dict().items()})
+        check_spec(run_dir, run_cfg.to_dict())
     barrier()
     metrics_path = run_dir / "metrics.json"
     if not (run_dir / "tokenizer" / "config.json").is_file() or not metrics_path.is_file():
@@ -288,7 +288,7 @@ def run_generator(
         )  # interrupted between a checkpoint and its evaluation
     start = time.perf_counter()
     trainer.fit()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start  # this invocation's share when the run was resumed
     result = {
         "K": K, "family": family, "loss": name, "kind": loss_cfg.kind,
         "tau": token_loss.tau, "tau_scale": loss_cfg.tau_scale if loss_cfg.kind == "snce" else None,
@@ -345,6 +345,7 @@ def run_study(cfg: StudyConfig, *, progress: bool = True) -> dict | None:
     ]
     bar = tqdm(total=len(plan), desc="study runs", disable=not (progress and is_main))
     for K in cfg.codebook_sizes:
+        bar.set_postfix_str(f"K={K} tokenizer")
         tok, tok_metrics = prepare_tokenizer(cfg, K, out, is_main)
         shard_dirs = prepare_tokens(cfg, tok, K, out, is_main)
         shards = {split: TokenShards(d) for split, d in shard_dirs.items()}
