@@ -39,22 +39,28 @@ class QuantizerOutput:
 
 def codebook_usage(indices: torch.Tensor, codebook_size: int) -> tuple[float, float]:
     """Usage of any index tensor: (fraction of the K codes that occur, perplexity exp(H(counts / N)))."""
-    if not (
-        torch.is_tensor(indices) and not indices.is_floating_point() and not indices.is_complex()
-    ):
-        raise TypeError(f"indices must be an integer tensor, got {_describe(indices)}")
     check_positive_int(codebook_size, "codebook_size")
+    check_indices(indices, codebook_size)
     flat = indices.reshape(-1)
     if flat.numel() == 0:
         return 0.0, 0.0
-    if int(flat.min()) < 0 or int(flat.max()) >= codebook_size:
-        raise ValueError(
-            f"indices must lie in [0, {codebook_size}), got values in [{int(flat.min())}, {int(flat.max())}]"
-        )
     counts = torch.bincount(flat.long(), minlength=codebook_size).double()
     p = counts / counts.sum()
     entropy = -torch.special.xlogy(p, p).sum()
     return int((counts > 0).sum()) / codebook_size, float(entropy.exp())
+
+
+def check_indices(indices, codebook_size: int) -> None:
+    """TypeError unless an integer tensor, ValueError unless every value lies in [0, codebook_size)."""
+    if not (
+        torch.is_tensor(indices) and not indices.is_floating_point() and not indices.is_complex()
+    ):
+        raise TypeError(f"indices must be an integer tensor, got {_describe(indices)}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= codebook_size):
+        raise ValueError(
+            f"indices must lie in [0, {codebook_size}), "
+            f"got values in [{int(indices.min())}, {int(indices.max())}]"
+        )
 
 
 class UsageTracker:
@@ -136,11 +142,11 @@ class Quantizer(nn.Module):
         """z: (B, D, H, W) or (B, L, D) float -> :class:`QuantizerOutput` (same layout as z)."""
         flat, unflatten, index_shape = self._flatten(z)
         quantized, indices, loss, stats = self.quantize(flat)
+        usage, perplexity = codebook_usage(indices, self.codebook_size)
         if self.training:
-            usage = self.usage_tracker.update(indices)
-        else:
-            usage, _ = codebook_usage(indices, self.codebook_size)
-        _, perplexity = codebook_usage(indices, self.codebook_size)
+            usage = self.usage_tracker.update(
+                indices
+            )  # over the sliding window instead of this batch
         stats = {"usage": usage, "perplexity": perplexity, **stats}
         return QuantizerOutput(unflatten(quantized), indices.reshape(index_shape), loss, stats)
 
@@ -149,17 +155,7 @@ class Quantizer(nn.Module):
 
         In eval mode ``lookup(out.indices)`` equals ``out.quantized`` (same layout as the input was).
         """
-        if not (
-            torch.is_tensor(indices)
-            and not indices.is_floating_point()
-            and not indices.is_complex()
-        ):
-            raise TypeError(f"indices must be an integer tensor, got {_describe(indices)}")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
-            raise ValueError(
-                f"indices must lie in [0, {self.codebook_size}), "
-                f"got values in [{int(indices.min())}, {int(indices.max())}]"
-            )
+        check_indices(indices, self.codebook_size)
         codes = F.embedding(indices.long(), self.codebook)
         return codes.permute(0, 3, 1, 2) if indices.dim() == 3 else codes
 
