@@ -31,18 +31,18 @@ def _tokenizer(path, seed):
     return tok
 
 
-def _shards(path, tok, latents=False, n=24):
+def _shards(path, tok, latents=False, n=24, num_classes=3):
     manifest = ShardManifest(
         grid=(2, 2),
         codebook_size=K,
         metric=tok.quantizer.metric,
         codebook_hash=tok.codebook_hash(),
         tokenizer=tok.full_config(),
-        num_classes=3,
+        num_classes=num_classes,
         latent_dim=4 if latents else None,
     )
     writer = ShardWriter(path, manifest)
-    labels = torch.arange(n) % 3
+    labels = torch.arange(n) % max(num_classes, 1)
     tokens = (labels[:, None, None] * 5 + torch.arange(4).view(1, 2, 2)) % K  # one grid per class
     writer.add(tokens, labels, torch.randn(n, 2, 2, 4) if latents else None)
     return writer.close()
@@ -55,6 +55,7 @@ def inputs(tmp_path_factory):
     _tokenizer(root / "other_tok", 1)
     _shards(root / "shards", tok)
     _shards(root / "val", tok, n=6)
+    _shards(root / "uncond", tok, num_classes=0)
     return root
 
 
@@ -163,6 +164,11 @@ def test_bad_inputs_stop_before_training(inputs, tmp_path, capsys):
     )
     assert code == 2 and "hold latents" in capsys.readouterr().err
     assert not (out / "checkpoints").exists()
+    uncond = _config(
+        inputs, out, shards=str(inputs / "uncond"), val_shards="", **{"sample.cfg_scale": 2.0}
+    )
+    with pytest.raises(ConfigError, match="sample.cfg_scale"):
+        train_generator(load_config(GeneratorRunConfig, uncond))
     with pytest.raises(ConfigError, match="model.vocab_size"):
         load_config(GeneratorRunConfig, _config(inputs, out, model={"vocab_size": 7}))
     with pytest.raises(ConfigError, match="tokenizer"):
