@@ -5,6 +5,9 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+import torch
+
 from snce.cli import main
 from snce.study import load_study_config
 
@@ -14,7 +17,16 @@ METRICS = (
 )  # fmt: skip
 
 
-def test_quick_study_end_to_end_and_resume(tmp_path):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the test shares the CPU with other pytest workers (2-thread spinning is slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_study_end_to_end_and_resume(tmp_path, one_thread):
     out = tmp_path / "study"
     args = ["study", "--config", str(CONFIG), "--quick", "--set", f"out_dir={out}"]
     assert main(args) == 0
