@@ -44,7 +44,8 @@ def test_headline_picks_the_best_tau_and_the_fraction_of_ce_steps():
     assert ar["snce_fid"] == {"snce_tau1x": 12.0, "snce_tau2x": 25.0}
     assert (md["snce_wins"], md["fraction_of_ce_steps"]) == (False, None)
     text = verdict([ar, md])
-    assert "1 of 2" in text and "did not in: masked_diffusion K=256" in text and "50%" in text
+    assert "1 of 2" in text and "did not in: masked_diffusion K=256" in text
+    assert "after 50% of CE's steps (autoregressive K=256)" in text
 
 
 def test_quick_overrides_then_set(tmp_path):

@@ -178,30 +178,33 @@ def _f(x, digits: int = 3) -> str:
     return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
 
 
+def _where(heads: list[dict]) -> str:
+    return ", ".join(f"{h['family']} K={h['K']}" for h in heads)
+
+
 def verdict(heads: list[dict]) -> str:
     """One plain paragraph: where SNCE beat CE (final FID) and where it did not."""
     if not heads:
         return "No (CE, SNCE) pair finished, so there is no comparison yet."
     wins = [h for h in heads if h["snce_wins"]]
     losses = [h for h in heads if not h["snce_wins"]]
-    where = lambda hs: ", ".join(f"{h['family']} K={h['K']}" for h in hs)  # noqa: E731
     text = (
         f"SNCE (best tau) reached a lower final FID than CE in {len(wins)} of {len(heads)} settings"
     )
-    text += f" ({where(wins)})." if wins else "."
+    text += f" ({_where(wins)})." if wins else "."
     if losses:
-        text += f" It did not in: {where(losses)}."
+        text += f" It did not in: {_where(losses)}."
     faster = [
         h for h in heads if h["fraction_of_ce_steps"] is not None and h["fraction_of_ce_steps"] < 1
     ]
     if faster:
         text += (
-            " Where it got there, SNCE needed "
+            " SNCE first matched CE's final FID after "
             + ", ".join(
                 f"{h['fraction_of_ce_steps']:.0%} of CE's steps ({h['family']} K={h['K']})"
                 for h in faster
             )
-            + " to match CE's final FID."
+            + "."
         )
     return text
 
