@@ -133,6 +133,15 @@ def test_regvq_contrastive_loss_off_without_weights():
     assert q.contrastive_loss(images, images.clone()) == 0
 
 
+def test_regvq_contrastive_loss_is_zero_without_stochastic_tokens(tmp_path):
+    path = tmp_path / "vgg19.pth"
+    torch.save(VGG19Features().state_dict(), path)
+    q = RegularizedQuantizer(6, 40, perceptual_weights=str(path), mask_ratio=0.0)
+    q(torch.randn(2, 6, 4, 4))
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert q.contrastive_loss(images, images.clone()) == 0
+
+
 def test_regvq_contrastive_loss_with_local_weights(tmp_path):
     path = tmp_path / "vgg19.pth"
     torch.save(VGG19Features().state_dict(), path)  # random weights stand in for a real VGG-19 file

@@ -179,6 +179,8 @@ class RegularizedQuantizer(Quantizer):
         hard = F.one_hot(argmax, self.codebook_size).to(p.dtype)
         h = hard - p.detach() + p  # straight-through one-hot of the argmax codes
         indices = argmax
+        if self.training and self.mask_ratio == 0:
+            self.token_weights = torch.zeros(argmax.shape, device=z.device)  # nothing sampled
         if self.training and self.mask_ratio > 0:
             masked = torch.rand(argmax.shape, device=z.device) < self.mask_ratio  # (N,)
             gumbel = -torch.empty_like(log_p).exponential_().log()
@@ -201,12 +203,8 @@ class RegularizedQuantizer(Quantizer):
             "codebook_loss": float(codebook_loss.detach()),
             "prior_kl": float(prior_kl.detach()),
         }
-        return (
-            zq,
-            indices,
-            loss,
-            stats,
-        )  # gradient to z through the softmaxes only (no identity STE)
+        # No identity straight-through: z gets gradient through the softmaxes only.
+        return zq, indices, loss, stats
 
     def forward(self, z):
         out = super().forward(z)
