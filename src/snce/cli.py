@@ -325,7 +325,7 @@ def eval_command(args) -> int:
                 inception_weights=args.inception_weights, cache_dir=cache, seed=args.seed,
             )  # fmt: skip
         else:
-            data = load_data_config(Path(args.samples) / "__none__", args.overrides)
+            data = load_data_config(args.samples, args.overrides)  # defaults (digits) + --set data.*
             channels = data.channels or (1 if data.kind == "digits" else 3)
             images, extras = load_samples(args.samples, data.size, channels)
             metrics = evaluate_samples(
