@@ -30,6 +30,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from measure import measure
 
 from snce.generators import build_generator, sample
 from snce.generators.objectives import LossConfig, TokenLoss, generator_loss
@@ -73,23 +74,11 @@ def make_step(family, k, grid, batch, loss_name, codebook, budget_mb):
     return step
 
 
-def rss_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_step_memory(family, k, grid, batch, loss_name, budget_mb) -> float:
     """Run in a fresh process (``--memory``): peak RSS of one training step above the RSS before it, MiB."""
     codebook = torch.randn(k, 8, generator=torch.Generator().manual_seed(0))
     step = make_step(family, k, grid, batch, loss_name, codebook, budget_mb)
-    before = rss_mib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS counter to the current RSS
-    step()
-    return rss_mib("VmHWM") - before
+    return measure(step, reps=1, warmup=False)["peak_mib"]
 
 
 def measure_memory(family, k, grid, batch, loss_name, threads, budget_mb) -> float:

@@ -18,22 +18,10 @@ import argparse
 import json
 import subprocess
 import sys
-import time
+
+from measure import measure
 
 METHODS = {"dense (released formulation)": False, "chunked (snce)": True}
-
-
-def rss_mib(field: str = "VmRSS") -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
-
-
-def reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak RSS (VmHWM) restarts from the current RSS
 
 
 def worker(chunked: bool, n: int, k: int, d: int, reps: int, threads: int) -> dict:
@@ -57,20 +45,12 @@ def worker(chunked: bool, n: int, k: int, d: int, reps: int, threads: int) -> di
 
     if reps > 1:
         step()
-    q.embed.grad = torch.zeros_like(
-        q.embed
-    )  # gradient buffers exist before the measurement (both methods)
-    z.grad = torch.zeros_like(z)
-    before = rss_mib()
-    reset_peak_rss()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
+    # gradient buffers exist before the measurement (both methods)
+    q.embed.grad, z.grad = torch.zeros_like(q.embed), torch.zeros_like(z)
+    m = measure(step, reps, warmup=False)
+    loss = m.pop("result")
     return {
-        "best_s": min(times),
-        "peak_mib": rss_mib("VmHWM") - before,
+        **m,
         "loss": float(loss),
         "grad_z": float(z.grad.norm()),
         "grad_codebook": float(q.embed.grad.norm()),

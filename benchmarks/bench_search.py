@@ -14,25 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
+
+from measure import measure
 
 METHODS = {"cdist + argmin": "cdist", "nearest_codes (chunked)": "chunked"}
-
-
-def rss_mib(field: str = "VmRSS") -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
-
-
-def reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak RSS (VmHWM) restarts from the current RSS
 
 
 def worker(method: str, n: int, k: int, d: int, reps: int, threads: int) -> dict:
@@ -49,20 +36,10 @@ def worker(method: str, n: int, k: int, d: int, reps: int, threads: int) -> dict
             return torch.cdist(z, codebook).argmin(dim=1)  # (N, K) float32 distances
         return nearest_codes(z, codebook, "l2")[1][:, 0]
 
-    if reps > 1:
-        run()
-    before = rss_mib()
-    reset_peak_rss()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        idx = run()
-        times.append(time.perf_counter() - t0)
-    peak = rss_mib("VmHWM") - before
+    m = measure(run, reps, warmup=reps > 1)
+    idx = m.pop("result")
     return {
-        "best_s": min(times),
-        "median_s": statistics.median(times),
-        "peak_mib": peak,
+        **m,
         "digest": int((idx * torch.arange(1, n + 1)).sum()),
     }
 
