@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import subprocess
 import sys
-import time
+
+from measure import measure
 
 METHODS = {
     "linear + F.cross_entropy": "ce",
@@ -24,25 +23,6 @@ METHODS = {
     "snce_loss (logits given)": "snce",
     "fused_linear_snce_loss": "fused",
 }
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM) to its current RSS."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def worker(method: str, n: int, h: int, k: int, d: int, reps: int, threads: int) -> dict:
@@ -75,16 +55,8 @@ def worker(method: str, n: int, h: int, k: int, d: int, reps: int, threads: int)
         hidden.grad = weight.grad = None
         return loss
 
-    base = rss_bytes()
-    reset_peak_rss()
-    times = []
-    for _ in range(reps + 1):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    times = times[1:]
-    extra = max(0, peak_rss_bytes() - base)
-    return {"median_s": statistics.median(times), "best_s": min(times), "peak_extra_mib": extra / 2**20}
+    m = measure(step, reps)
+    return {"median_s": m["median_s"], "best_s": m["best_s"], "peak_extra_mib": m["peak_mib"]}
 
 
 def run_isolated(method, n, h, k, d, reps, threads) -> dict:
@@ -115,7 +87,7 @@ def main() -> None:
     for k in a.k:
         for d in a.d:
             res = {}
-            for name, key in METHODS.items():
+            for key in METHODS.values():
                 if key in a.methods:
                     res[key] = run_isolated(key, a.n, a.h, k, d, a.reps, a.threads)
             for name, key in METHODS.items():
