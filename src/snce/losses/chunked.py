@@ -237,7 +237,7 @@ class _FusedLinearSoftCrossEntropy(torch.autograd.Function):
             scale = ctx.problem.scale * grad_out.to(ctx.problem.scale.dtype)
             _, grads = linear_pass(hidden, weight, bias, ctx.problem, scale, ctx.needs)
             return (*grads, None)
-        grads = [scaled(g, grad_out) if has else None for g, has in zip(ctx.saved_tensors, ctx.has)]
+        grads = [scaled(g, grad_out) if has else None for g, has in zip(ctx.saved_tensors, ctx.has, strict=True)]
         return (*grads, None)
 
 

@@ -189,6 +189,14 @@ def _check_head(hidden, head_weight, head_bias) -> None:
             raise ValueError(f"head_bias must have shape ({head_weight.shape[0]},), got {tuple(head_bias.shape)}")
 
 
+def _fused(hidden, head_weight, head_bias, problem: Problem) -> torch.Tensor:
+    """Run the fused head + loss on flattened tokens; reduction "none" gets hidden's batch shape back."""
+    loss = chunked._FusedLinearSoftCrossEntropy.apply(
+        hidden.reshape(-1, head_weight.shape[1]), head_weight, head_bias, problem
+    )
+    return loss.view(hidden.shape[:-1]) if problem.reduction == "none" else loss
+
+
 def fused_linear_snce_loss(
     hidden: torch.Tensor,
     head_weight: torch.Tensor,
@@ -228,15 +236,14 @@ def fused_linear_snce_loss(
             topk=topk, table=table, weight=weight, ignore_index=ignore_index, reduction=reduction,
         )
     _check_head(hidden, head_weight, head_bias)
-    k, h = head_weight.shape
+    k = head_weight.shape[0]
     target = _flatten_target(target, hidden.shape[:-1], "hidden")
     problem = _build_problem(
         target, k, hidden.device, hidden.dtype, codebook=codebook, latents=latents, tau=tau, metric=metric,
         topk=topk, table=table, weight=weight, ignore_index=ignore_index, reduction=reduction,
         memory_budget=memory_budget, block_rows=block_rows, batch_shape=hidden.shape[:-1],
     )
-    loss = chunked._FusedLinearSoftCrossEntropy.apply(hidden.reshape(-1, h), head_weight, head_bias, problem)
-    return loss.view(hidden.shape[:-1]) if reduction == "none" else loss
+    return _fused(hidden, head_weight, head_bias, problem)
 
 
 def fused_linear_cross_entropy(
@@ -258,7 +265,7 @@ def fused_linear_cross_entropy(
     _check_head(hidden, head_weight, head_bias)
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    k, h = head_weight.shape
+    k = head_weight.shape[0]
     target = _flatten_target(target, hidden.shape[:-1], "hidden")
     problem = _build_problem(
         target, k, hidden.device, hidden.dtype, codebook=None, latents=None, tau=None, metric=None,
@@ -266,5 +273,4 @@ def fused_linear_cross_entropy(
         memory_budget=memory_budget, block_rows=block_rows, batch_shape=hidden.shape[:-1],
         smoothing=float(label_smoothing), hard=True,
     )
-    loss = chunked._FusedLinearSoftCrossEntropy.apply(hidden.reshape(-1, h), head_weight, head_bias, problem)
-    return loss.view(hidden.shape[:-1]) if reduction == "none" else loss
+    return _fused(hidden, head_weight, head_bias, problem)

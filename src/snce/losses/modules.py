@@ -38,7 +38,7 @@ class _SNCEOptions(nn.Module):
     def extra_repr(self) -> str:
         k = self.table.num_codes if self.codebook is None else self.codebook.shape[0]
         return (f"num_codes={k}, tau={self.tau if self.table is None else self.table.tau}, metric={self.metric!r}, "
-                f"topk={self.topk}, table={'k=%d' % self.table.k if self.table else None}, "
+                f"topk={self.topk}, table={f'k={self.table.k}' if self.table else None}, "
                 f"reduction={self.reduction!r}")
 
 
