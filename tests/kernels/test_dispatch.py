@@ -21,7 +21,7 @@ def test_impl_triton_equals_impl_torch(device):
         loss = fused_linear_snce_loss(hd, w, target, codebook=codebook, tau=0.5, impl=impl)
         loss.backward()
         results[impl] = (loss.detach(), hd.grad, w.grad)
-    for a, b in zip(results["torch"], results["triton"]):
+    for a, b in zip(results["torch"], results["triton"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     module = FusedLinearSNCELoss(codebook, tau=0.5, impl="triton")
     torch.testing.assert_close(module(hidden, weight, target), results["torch"][0], rtol=1e-4, atol=1e-6)

@@ -109,7 +109,7 @@ def test_fused_linear_matches_reference(dtype, metric, with_latents, reduction):
         grads_ref = torch.autograd.grad(ref, gparams + ([gbias] if use_bias else []), up)
         what = f"{metric} latents={with_latents} {reduction} topk={topk} bias={use_bias}"
         assert_close(out, ref, TOL[dtype], "loss " + what)
-        for name, a, b in zip(["hidden", "weight", "bias"], grads, grads_ref):
+        for name, a, b in zip(["hidden", "weight", "bias"], grads, grads_ref, strict=False):
             assert_close(a, b, TOL[dtype], f"grad {name} " + what)
 
 
@@ -124,7 +124,7 @@ def test_fused_equals_unfused_for_any_block_size(block_rows):
     unfused = snce_loss(h @ w.T, c["target"], block_rows=block_rows, **kw)
     g_unfused = torch.autograd.grad(unfused, (h, w))
     assert_close(fused, unfused, 1e-12, "loss")
-    for a, b in zip(g_fused, g_unfused):
+    for a, b in zip(g_fused, g_unfused, strict=True):
         assert_close(a, b, 1e-12, "grad")
 
 
@@ -251,7 +251,7 @@ def test_cross_entropy_with_label_smoothing_and_weights():
         ref = cross_entropy_reference(gh @ gw.T, c["target"], label_smoothing=smoothing, weight=c["weight"],
                                       reduction=reduction)
         up = torch.randn(ref.shape, dtype=torch.float64)
-        for a, b in zip(torch.autograd.grad(out, (h, w), up), torch.autograd.grad(ref, (gh, gw), up)):
+        for a, b in zip(torch.autograd.grad(out, (h, w), up), torch.autograd.grad(ref, (gh, gw), up), strict=True):
             assert_close(a, b, 1e-10, f"ce grad {smoothing} {reduction}")
         assert_close(out, ref, 1e-10, f"ce {smoothing} {reduction}")
     plain = fused_linear_cross_entropy(c["hidden"], c["head_weight"], c["target"], label_smoothing=0.1)
