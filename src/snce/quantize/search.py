@@ -153,8 +153,7 @@ def nearest_codes(
         unspecified (torch.topk within a block), the distances are still exact.
     """
     check_search_inputs(z, codebook, metric)
-    if not (isinstance(k, int) and 1 <= k <= codebook.shape[0]):
-        raise ValueError(f"k must be an int in [1, {codebook.shape[0]}], got {k!r}")
+    check_k(k, codebook.shape[0])
     n = z.shape[0]
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     best_s = torch.full((n, k), -math.inf, device=z.device, dtype=dtype)
@@ -176,17 +175,30 @@ def nearest_codes(
         else:
             cand_s = torch.cat([best_s[rows], s_top], dim=1)
             cand_i = torch.cat([best_i[rows], i_top], dim=1)
-            top_s, pos = _stable_topk(cand_s, cand_i, k)
+            top_s, pos = stable_topk(cand_s, cand_i, k)
             best_s[rows], best_i[rows] = top_s, cand_i.gather(1, pos)
     distances = scores_to_distances(best_s, z, metric)
     if lse is None:
         return distances, best_i
-    # scores = c(z) - d, so logsumexp(-d / tau) = logsumexp(scores / tau) - c(z) / tau.
-    c = scores_to_distances(torch.zeros_like(best_s[:, :1]), z, metric)[:, 0]
-    return distances, best_i, lse - c / logsumexp_tau
+    return distances, best_i, log_normalizer(lse, z, metric, logsumexp_tau)
 
 
-def _stable_topk(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def check_k(k, num_codes: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_codes:
+        raise ValueError(f"k must be an int in [1, {num_codes}], got {k!r}")
+    return k
+
+
+def log_normalizer(score_lse: torch.Tensor, z: torch.Tensor, metric: str, tau: float) -> torch.Tensor:
+    """logsumexp_k(-d(z, e_k) / tau) (N,) from logsumexp_k(score_k / tau) (N,) of rows z (N, D).
+
+    scores = c(z) - d with c(z) = ||z||^2 (l2), 1 (cosine), 0 (dot), so the two differ by c(z) / tau.
+    """
+    c = scores_to_distances(torch.zeros_like(score_lse[:, None]), z, metric)[:, 0]
+    return score_lse - c / tau
+
+
+def stable_topk(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row, ties broken towards the lower code index. Returns (values, positions)."""
     # Sort by index first, then a stable sort by score keeps lower indices first among equals.
     order = index.argsort(dim=1)

@@ -25,7 +25,13 @@ from snce.losses.kernels.tiles import (
     teacher_tile,
 )
 from snce.losses.targets import check_tau
-from snce.quantize.search import _stable_topk, check_search_inputs, scores_to_distances
+from snce.quantize.search import (
+    check_k,
+    check_search_inputs,
+    log_normalizer,
+    scores_to_distances,
+    stable_topk,
+)
 
 
 @triton.jit
@@ -109,8 +115,7 @@ def nearest_codes_triton(
         Ties go to the lower code index.
     """
     check_search_inputs(z, codebook, metric)
-    if not (isinstance(k, int) and 1 <= k <= codebook.shape[0]):
-        raise ValueError(f"k must be an int in [1, {codebook.shape[0]}], got {k!r}")
+    check_k(k, codebook.shape[0])
     if logsumexp_tau is not None:
         logsumexp_tau = check_tau(logsumexp_tau)
     if precision not in ("auto", "native", *PRECISIONS):
@@ -138,10 +143,8 @@ def nearest_codes_triton(
     )
     cand_s = cand_s.permute(1, 0, 2).reshape(n, splits * k)  # (N, splits * k), splits in code order
     cand_i = cand_i.permute(1, 0, 2).reshape(n, splits * k)
-    best_s, pos = _stable_topk(cand_s, cand_i, k)
+    best_s, pos = stable_topk(cand_s, cand_i, k)
     distances = scores_to_distances(best_s, z, metric)
     if logsumexp_tau is None:
         return distances, cand_i.gather(1, pos)
-    # scores = c(z) - d, so logsumexp(-d / tau) = logsumexp(scores / tau) - c(z) / tau.
-    c = scores_to_distances(torch.zeros_like(best_s[:, :1]), z, metric)[:, 0]
-    return distances, cand_i.gather(1, pos), torch.logsumexp(lse, dim=0) - c / logsumexp_tau
+    return distances, cand_i.gather(1, pos), log_normalizer(torch.logsumexp(lse, dim=0), z, metric, logsumexp_tau)
