@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 
-from measure import measure
+from measure import measure, run_worker
 
 METHODS = {"dense (released formulation)": False, "chunked (snce)": True}
 
@@ -83,29 +81,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     results = []
     for label, chunked in METHODS.items():
-        cmd = [
-            sys.executable,
-            __file__,
-            "--worker",
-            "chunked" if chunked else "dense",
-            "--n",
-            str(args.n),
-            "--d",
-            str(args.d),
-            "--k",
-            str(args.k),
-            "--reps",
-            str(args.reps),
-            "--threads",
-            str(args.threads),
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            print(
-                f"| {label} | failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]} | | | | |"
-            )
+        try:
+            r = run_worker(__file__, "chunked" if chunked else "dense", "--n", args.n, "--d", args.d,
+                           "--k", args.k, "--reps", args.reps, "--threads", args.threads)
+        except RuntimeError as err:
+            print(f"| {label} | failed ({err}) | | | | |")
             continue
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(r)
         print(
             f"| {label} | {r['best_s']:.2f} | {r['peak_mib']:.0f} | {r['loss']:.6g} | {r['grad_z']:.6g} "

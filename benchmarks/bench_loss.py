@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 
-from measure import measure
+from measure import measure, run_worker
 
 METHODS = {
     "linear + F.cross_entropy": "ce",
@@ -59,13 +57,6 @@ def worker(method: str, n: int, h: int, k: int, d: int, reps: int, threads: int)
     return {"median_s": m["median_s"], "best_s": m["best_s"], "peak_extra_mib": m["peak_mib"]}
 
 
-def run_isolated(method, n, h, k, d, reps, threads) -> dict:
-    cmd = [sys.executable, __file__, "--worker", method, "--n", str(n), "--h", str(h), "--k", str(k),
-           "--d", str(d), "--reps", str(reps), "--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=4096)
@@ -89,7 +80,8 @@ def main() -> None:
             res = {}
             for key in METHODS.values():
                 if key in a.methods:
-                    res[key] = run_isolated(key, a.n, a.h, k, d, a.reps, a.threads)
+                    res[key] = run_worker(__file__, key, "--n", a.n, "--h", a.h, "--k", k, "--d", d, "--reps", a.reps,
+                                          "--threads", a.threads)
             for name, key in METHODS.items():
                 if key not in res:
                     continue

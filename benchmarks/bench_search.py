@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 
-from measure import measure
+from measure import measure, run_worker
 
 METHODS = {"cdist + argmin": "cdist", "nearest_codes (chunked)": "chunked"}
 
@@ -68,26 +66,12 @@ def main() -> None:
     for k in args.k:
         digests = set()
         for label, method in METHODS.items():
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                method,
-                str(k),
-                "--n",
-                str(args.n),
-                "--d",
-                str(args.d),
-                "--reps",
-                str(args.reps),
-                "--threads",
-                str(args.threads),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                print(f"| {k:,} | {label} | failed: {proc.stderr.strip().splitlines()[-1:]} | | |")
+            try:
+                r = run_worker(__file__, method, k, "--n", args.n, "--d", args.d, "--reps", args.reps,
+                               "--threads", args.threads)
+            except RuntimeError as err:
+                print(f"| {k:,} | {label} | failed ({err}) | | |")
                 continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
             digests.add(r["digest"])
             print(
                 f"| {k:,} | {label} | {r['best_s']:.2f} | {r['median_s']:.2f} | {r['peak_mib']:.0f} |",

@@ -7,7 +7,10 @@ memory freed by one method cannot be reused by the next.
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 
@@ -45,3 +48,16 @@ def measure(fn, reps: int, warmup: bool = True) -> dict:
         "peak_mib": max(0.0, rss_mib("VmHWM") - before),
         "result": result,
     }
+
+
+def run_worker(script: str, *args) -> dict:
+    """Run ``python script --worker *args`` in a fresh process; return the JSON of its last stdout line.
+
+    Raises RuntimeError with the worker's last stderr line when it fails (e.g. out of memory).
+    """
+    cmd = [sys.executable, script, "--worker", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
+        raise RuntimeError(f"exit {proc.returncode}: {tail[0]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
