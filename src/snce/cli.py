@@ -66,7 +66,7 @@ def _add_data_args(parser: argparse.ArgumentParser, default_split: str) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
         help="change the data (default: what the tokenizer was trained on), e.g. --set data.path=DIR",
     )  # fmt: skip
-    parser.add_argument("--split", default=default_split, choices=["train", "test", "all"])
+    parser.add_argument("--split", default=default_split, choices=["train", "val", "test", "all"])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
 

