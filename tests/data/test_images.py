@@ -54,7 +54,9 @@ def test_mnist_is_the_packaged_mnist_with_disjoint_splits():
         torch.testing.assert_close(x[0], torch.tensor(pixels[position]).float() / 127.5 - 1)
         assert y == labels[position]
     # The training split never holds a held-out digit (the 65,000 digits are all distinct).
-    train_keys = {bytes(x.numpy()) for x in (splits["train"].images[:, 0] * 127.5 + 127.5).round().byte()}
+    train_keys = {
+        bytes(x.numpy()) for x in (splits["train"].images[:, 0] * 127.5 + 127.5).round().byte()
+    }
     for split in ("val", "test"):
         held = (splits[split].images[:, 0] * 127.5 + 127.5).round().byte()
         assert not any(bytes(x.numpy()) in train_keys for x in held)
@@ -82,7 +84,9 @@ def test_photos_deterministic_and_labelled_by_source():
         assert torch.equal(xa, b[i][0]) and ya == i % a.num_classes
         assert xa.shape == (3, 16, 16) and -1 <= xa.min() and xa.max() <= 1
     assert not torch.equal(a[0][0], Photos(16, 30, seed=3, split="test")[0][0])
-    assert not torch.equal(Photos(16, 30, seed=3, split="val")[0][0], Photos(16, 30, seed=3, split="test")[0][0])
+    assert not torch.equal(
+        Photos(16, 30, seed=3, split="val")[0][0], Photos(16, 30, seed=3, split="test")[0][0]
+    )
     grey = Photos(16, 30, seed=3, channels=1)[7][0]
     torch.testing.assert_close(
         grey[0], 0.299 * a[7][0][0] + 0.587 * a[7][0][1] + 0.114 * a[7][0][2]

