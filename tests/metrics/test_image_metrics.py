@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from snce.metrics import (
+    FeatureStatistics,
+    ImageEvaluator,
     class_consistency,
     frechet_distance,
+    frechet_distance_interval,
     inception_score,
     kernel_distance,
     precision_recall,
@@ -146,3 +149,56 @@ def test_metrics_are_finite_for_small_sets():
     x, y = torch.randn(20, 3, generator=gen), torch.randn(12, 3, generator=gen)
     values = [frechet_distance(x, y), *kernel_distance(x, y, subsets=5), *precision_recall(x, y)]
     assert all(math.isfinite(v) for v in values)
+
+
+def test_feature_statistics_fid_equals_torchmetrics():
+    gen = torch.Generator().manual_seed(3)
+    real = torch.randn(3000, 16, generator=gen) @ torch.randn(16, 16, generator=gen)
+    fake = torch.randn(2000, 16, generator=gen) * 1.3 + 0.2
+    fid, lo, hi = frechet_distance_interval(FeatureStatistics.of(real), fake, bootstrap=0)
+    assert fid == pytest.approx(frechet_distance(real, fake), rel=1e-7)
+    assert math.isnan(lo) and math.isnan(hi)
+
+
+def test_fid_bootstrap_interval_matches_the_sampling_spread():
+    # Fake sets drawn from one fixed distribution. The FID a model would get in expectation (at this sample
+    # size) is the mean over many independent draws; a 95% interval from a single draw should contain it
+    # for most draws, and the bootstrap's width should match the spread of FIDs across draws.
+    rng = np.random.default_rng(4)
+    d = 8
+    stats = FeatureStatistics.of(torch.from_numpy(rng.normal(size=(20_000, d))))
+    draws = [torch.from_numpy(rng.normal(size=(2000, d)) * 1.2 + 0.1) for _ in range(60)]
+    fids = np.array([frechet_distance_interval(stats, x, bootstrap=0)[0] for x in draws])
+    expected, spread = fids.mean(), fids.std(ddof=1)
+    intervals = [
+        frechet_distance_interval(stats, x, bootstrap=200, seed=i) for i, x in enumerate(draws[:20])
+    ]
+    assert all(lo < fid < hi for fid, lo, hi in intervals)
+    assert sum(lo <= expected <= hi for _, lo, hi in intervals) >= 16
+    widths = np.array(
+        [(hi - lo) / (2 * 1.96) for _, lo, hi in intervals]
+    )  # implied standard deviation
+    assert 0.6 * spread < widths.mean() < 1.7 * spread, (widths.mean(), spread)
+
+
+class _FlattenNet(torch.nn.Module):
+    """Features = the pixels themselves; logits = the first two pixels."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        f = x.flatten(1)
+        return f, f[:, :2]
+
+
+def test_image_evaluator_reports_a_fid_interval_and_reuses_real_radii():
+    net = _FlattenNet()
+    real = torch.rand(300, 1, 4, 4, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    fake = torch.rand(200, 1, 4, 4, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    out = ImageEvaluator(net, real, bootstrap=50)(fake)
+    features = real.flatten(1), fake.flatten(1)
+    assert out["fid"] == pytest.approx(frechet_distance(*features), rel=1e-6)
+    assert out["fid_lo"] <= out["fid"] <= out["fid_hi"]
+    assert (out["precision"], out["recall"]) == precision_recall(*features)

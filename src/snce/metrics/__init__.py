@@ -8,11 +8,13 @@ from snce.metrics.domain import (
     train_domain_classifier,
 )
 from snce.metrics.image import (
+    FeatureStatistics,
     ImageEvaluator,
     class_consistency,
     extract,
     feature_network,
     frechet_distance,
+    frechet_distance_interval,
     inception_score,
     kernel_distance,
     precision_recall,
@@ -23,6 +25,7 @@ from snce.metrics.tokens import code_statistics, validation_nll
 __all__ = [
     "DomainClassifier",
     "DomainClassifierConfig",
+    "FeatureStatistics",
     "ImageEvaluator",
     "InceptionV3",
     "class_consistency",
@@ -30,6 +33,7 @@ __all__ = [
     "extract",
     "feature_network",
     "frechet_distance",
+    "frechet_distance_interval",
     "inception_score",
     "kernel_distance",
     "load_inception",

@@ -4,14 +4,18 @@ A feature network maps images (N, C, H, W) in [-1, 1] to ``(features (N, d), log
 FID Inception-v3 loaded from a local file (:mod:`snce.metrics.inception`) or the built-in domain classifier
 (:mod:`snce.metrics.domain`). Features are extracted once per image set; the real set's features are kept by
 :class:`ImageEvaluator`, so evaluating many checkpoints against the same data costs one pass per sample set.
-torchmetrics computes FID, KID and IS from those features through an identity feature module.
+torchmetrics computes KID and IS from those features through an identity feature module; FID is computed
+here from the real set's mean and covariance, kept once (:class:`FeatureStatistics`), which also gives a
+bootstrap interval over the generated samples cheaply (:func:`frechet_distance_interval`).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -63,6 +67,73 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     fid.update(real, real=True)
     fid.update(fake, real=False)
     return float(fid.compute())
+
+
+@dataclass
+class FeatureStatistics:
+    """Mean (d,) and covariance (d, d) of a feature set in float64, with the covariance's square root, so the
+    Frechet distance of any other set costs one symmetric eigendecomposition:
+
+        FID = ||mu_r - mu_f||^2 + Tr(S_r) + Tr(S_f) - 2 Tr((S_r^1/2 S_f S_r^1/2)^1/2)
+
+    (Tr (S_r S_f)^1/2 equals the trace of the symmetric form, whose eigenvalues are real and >= 0.)
+    """
+
+    mean: np.ndarray
+    cov: np.ndarray
+    sqrt_cov: np.ndarray
+    count: int
+
+    @classmethod
+    def of(cls, features: torch.Tensor) -> FeatureStatistics:
+        x = _check_features("features", features).numpy()
+        mean, cov = x.mean(0), np.cov(x, rowvar=False)
+        eigval, eigvec = np.linalg.eigh(cov)
+        sqrt_cov = (eigvec * np.sqrt(np.clip(eigval, 0, None))) @ eigvec.T
+        return cls(mean, cov, sqrt_cov, x.shape[0])
+
+    def frechet(self, mean: np.ndarray, cov: np.ndarray) -> float:
+        """Frechet distance between these statistics and a Gaussian with ``mean`` (d,) and ``cov`` (d, d)."""
+        inner = self.sqrt_cov @ cov @ self.sqrt_cov
+        root_trace = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+        diff = self.mean - mean
+        return float(diff @ diff + np.trace(self.cov) + np.trace(cov) - 2 * root_trace)
+
+
+def frechet_distance_interval(
+    real: FeatureStatistics,
+    fake: torch.Tensor,
+    *,
+    bootstrap: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """FID of ``fake`` features (M, d) against ``real`` statistics, with a bootstrap interval: (fid, lo, hi).
+
+    The M samples are resampled with replacement ``bootstrap`` times (the real statistics stay fixed: the
+    interval measures how much the FID of this model moves with its own sampling noise). A resample holds
+    fewer distinct samples, which biases its FID (upward, mostly), so the percentiles (q_lo, q_hi) of the
+    bootstrap FIDs are shifted by (median - fid) to centre them on the point estimate:
+    [q_lo - shift, q_hi - shift], clipped at 0. ``bootstrap < 2``: (fid, nan, nan).
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    x = _check_features("fake", fake).numpy()
+    m = x.shape[0]
+    fid = real.frechet(x.mean(0), np.cov(x, rowvar=False))
+    if bootstrap < 2:
+        return fid, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(bootstrap):
+        w = rng.multinomial(m, np.full(m, 1.0 / m)).astype(np.float64)  # resample counts (M,)
+        mean = w @ x / m
+        centred = x - mean
+        cov = (centred * w[:, None]).T @ centred / (m - 1)
+        values.append(real.frechet(mean, cov))
+    q_lo, median, q_hi = np.quantile(values, [(1 - confidence) / 2, 0.5, (1 + confidence) / 2])
+    shift = float(median) - fid
+    return fid, max(0.0, float(q_lo) - shift), float(q_hi) - shift
 
 
 def kernel_distance(
@@ -130,20 +201,27 @@ def _coverage(
 
 
 def precision_recall(
-    real: torch.Tensor, fake: torch.Tensor, *, k: int = 3, chunk: int = 1024
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    *,
+    k: int = 3,
+    chunk: int = 1024,
+    real_radii: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al., 2019) with k-NN balls in feature space.
 
     precision: fraction of fake samples inside the real manifold (union of balls around each real feature with
     radius = distance to its k-th nearest real neighbour); recall: fraction of real samples inside the fake
-    manifold, built the same way.
+    manifold, built the same way. ``real_radii``: the real set's radii when already computed (N,).
     """
     real, fake = _check_features("real", real, k + 1), _check_features("fake", fake, k + 1)
     if real.shape[1] != fake.shape[1]:
         raise ValueError(
             f"real and fake features must have the same width, got {real.shape[1]} and {fake.shape[1]}"
         )
-    precision = _coverage(real, _kth_neighbour_radius(real, k, chunk), fake, chunk)
+    if real_radii is None:
+        real_radii = _kth_neighbour_radius(real, k, chunk)
+    precision = _coverage(real, real_radii.to(real.dtype), fake, chunk)
     recall = _coverage(fake, _kth_neighbour_radius(fake, k, chunk), real, chunk)
     return precision, recall
 
@@ -158,13 +236,15 @@ def class_consistency(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 class ImageEvaluator:
-    """All image metrics of generated samples against one fixed real set.
+    """All image metrics of generated samples against one fixed real (reference) set.
 
     Args:
         net: feature network, ``net(images) -> (features (N, d), logits (N, C))``.
-        real_images: (N, C, H, W) in [-1, 1]; their features are computed once here.
+        real_images: (N, C, H, W) in [-1, 1]; their features, statistics and precision/recall radii are
+            computed once here. For an honest FID these are held-out images the generator never saw.
         class_logits: True when ``net``'s logits are the dataset's classes (domain classifier on labelled
             data), so class consistency can be measured.
+        bootstrap: resamples of the generated set for the FID interval (0: no interval).
     """
 
     def __init__(
@@ -177,31 +257,44 @@ class ImageEvaluator:
         kid_subsets: int = 50,
         is_splits: int = 10,
         pr_k: int = 3,
+        bootstrap: int = 0,
         seed: int = 0,
     ) -> None:
         self.net = net.eval()
         self.class_logits = class_logits
         self.batch_size = batch_size
         self.kid_subsets, self.is_splits, self.pr_k, self.seed = kid_subsets, is_splits, pr_k, seed
+        self.bootstrap = bootstrap
         self.real_features, _ = extract(net, real_images, batch_size)
+        self.real_statistics = FeatureStatistics.of(self.real_features)
+        real = _check_features("real", self.real_features, pr_k + 1)
+        self.real_radii = _kth_neighbour_radius(real, pr_k, 1024)
 
     def __call__(
         self, images: torch.Tensor, labels: torch.Tensor | None = None
     ) -> dict[str, float]:
         """Metrics of ``images`` (M, C, H, W) in [-1, 1]; ``labels`` (M,) are the classes they were sampled for.
 
-        Keys: fid, kid, kid_std, is, is_std, precision, recall, and class_acc when labels are given and the
-        network's logits are classes.
+        Keys: fid, fid_lo, fid_hi (bootstrap interval, nan without one), kid, kid_std, is, is_std, precision,
+        recall, and class_acc when labels are given and the network's logits are classes.
         """
         features, logits = extract(self.net, images, self.batch_size)
-        out = {"fid": frechet_distance(self.real_features, features)}
+        out = dict(
+            zip(
+                ("fid", "fid_lo", "fid_hi"),
+                frechet_distance_interval(
+                    self.real_statistics, features, bootstrap=self.bootstrap, seed=self.seed
+                ),
+                strict=True,
+            )
+        )
         out["kid"], out["kid_std"] = kernel_distance(
             self.real_features, features, subsets=self.kid_subsets, seed=self.seed
         )
         splits = max(1, min(self.is_splits, images.shape[0] // 2))
         out["is"], out["is_std"] = inception_score(logits, splits=splits, seed=self.seed)
         out["precision"], out["recall"] = precision_recall(
-            self.real_features, features, k=self.pr_k
+            self.real_features, features, k=self.pr_k, real_radii=self.real_radii
         )
         if labels is not None and self.class_logits:
             out["class_acc"] = class_consistency(logits, labels)
