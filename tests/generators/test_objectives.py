@@ -15,6 +15,8 @@ from snce.generators.objectives import (
     loss_terms,
     validation_loss,
 )
+from snce.losses import NeighborShuffle
+from snce.losses.reference import fused_linear_snce_loss_reference
 
 
 def _q(z, codebook, tau):
@@ -85,6 +87,29 @@ def test_tau_is_suggested_then_scaled(problem):
     }
 
 
+def test_shuffled_neighbors_match_the_reference(problem):
+    hidden, w, y, cb, z = (
+        problem[k] for k in ("hidden", "weight", "target", "codebook", "latents")
+    )
+    shuffle = NeighborShuffle(cb.shape[0], seed=4)
+    for extra, latents in [
+        (dict(), None),
+        (dict(topk=4), None),  # the NeighborTable path
+        (dict(targets="latents"), z),
+    ]:
+        config = LossConfig(kind="snce", tau=0.7, shuffle_neighbors=True, shuffle_seed=4, **extra)
+        loss = TokenLoss(config, cb, "l2", has_latents=latents is not None)
+        ref = fused_linear_snce_loss_reference(
+            hidden, w, y, codebook=cb, latents=latents, tau=0.7, topk=extra.get("topk"), shuffle=shuffle
+        )
+        torch.testing.assert_close(loss(hidden, w, y, latents=latents), ref, rtol=1e-10, atol=0)
+        plain = TokenLoss(LossConfig(kind="snce", tau=0.7, **extra), cb, "l2", has_latents=True)
+        assert not torch.allclose(plain(hidden, w, y, latents=latents), ref)
+    assert loss.describe()["shuffle_neighbors"] is True and loss.describe()["shuffle_seed"] == 4
+    assert "shuffle_neighbors" not in plain.describe()
+    assert loss.to("cpu").shuffle.labels.device.type == "cpu"
+
+
 def test_loss_errors(problem):
     cb = problem["codebook"]
     with pytest.raises(ValueError, match="codebook"):
@@ -95,6 +120,11 @@ def test_loss_errors(problem):
         LossConfig.from_dict({"kind": "snce", "tau": -1.0})
     with pytest.raises(ConfigError, match="kind"):
         LossConfig.from_dict({"kind": "focal"})
+    for kind in ("ce", "label_smoothing"):
+        with pytest.raises(ConfigError, match="shuffle_neighbors"):
+            LossConfig.from_dict({"kind": kind, "shuffle_neighbors": True})
+    with pytest.raises(ConfigError, match="shuffle_seed"):
+        LossConfig.from_dict({"kind": "snce", "shuffle_neighbors": True, "shuffle_seed": "x"})
     loss = TokenLoss(LossConfig(kind="snce", tau=1.0), cb, "l2")
     with pytest.raises(ValueError, match="codebook has 29"):
         loss(problem["hidden"], problem["weight"][:20], problem["target"] % 20)

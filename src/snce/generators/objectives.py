@@ -11,6 +11,12 @@ go in, and the (tokens x K) logits are never held at once (only row blocks of th
 SNCE takes z from the shards' continuous latents (``targets="latents"``) or, for pre-tokenized data, z = e_y
 (``targets="codes"``; with ``topk`` the targets come from a NeighborTable built once per run).
 
+Two controls separate SNCE's geometry from its softness. ``shuffle_neighbors`` (with kind "snce") moves each
+token's q by a fixed per-code permutation pi_y with pi_y(y) = y (:class:`snce.losses.NeighborShuffle`): the same
+mass on y and the same entropy, on codes unrelated to y. Label smoothing matched in entropy to SNCE is kind
+"label_smoothing" with ``label_smoothing = smoothing_for_entropy(target_entropy(...), K)``, computed by the
+caller (``snce.functional``).
+
 The autoregressive loss covers every token; the masked-diffusion loss covers the masked tokens of a random
 corruption (``MaskedDiffusionTransformer.corrupt``), optionally MDLM-weighted.
 """
@@ -27,7 +33,7 @@ from snce.config import Config, ConfigError
 from snce.functional import fused_linear_cross_entropy, fused_linear_snce_loss, suggest_tau
 from snce.generators.autoregressive import AutoregressiveTransformer
 from snce.generators.masked_diffusion import MaskedDiffusionTransformer
-from snce.losses import NeighborTable
+from snce.losses import NeighborShuffle, NeighborTable
 from snce.quantize.search import METRICS
 
 
@@ -40,6 +46,8 @@ class LossConfig(Config):
     tau_scale: multiplies tau (suggested or given): how a study sweeps around the suggested value.
     metric: SNCE distance, None -> the tokenizer's own metric (keep them equal). topk: keep the k nearest codes.
     targets: "codes" (z = e_y, pre-tokenized data) | "latents" (the shards' continuous latents).
+    shuffle_neighbors: the "geometry removed" control (kind="snce" only): each token's SNCE target moved by its
+    code's fixed permutation, drawn from ``shuffle_seed``.
     memory_budget_mb: size of the loss's per-block (rows x K) buffers.
     """
 
@@ -50,6 +58,8 @@ class LossConfig(Config):
     metric: str | None = None
     topk: int | None = None
     targets: Literal["codes", "latents"] = "codes"
+    shuffle_neighbors: bool = False
+    shuffle_seed: int = 0
     memory_budget_mb: int = 256
 
     def check(self) -> None:
@@ -69,6 +79,10 @@ class LossConfig(Config):
             raise ConfigError("topk", f"must be an int >= 1 or null (all codes), got {self.topk}")
         if self.memory_budget_mb < 1:
             raise ConfigError("memory_budget_mb", f"must be >= 1, got {self.memory_budget_mb}")
+        if self.shuffle_neighbors and self.kind != "snce":
+            raise ConfigError(
+                "shuffle_neighbors", f"shuffles SNCE targets: needs kind 'snce', got kind {self.kind!r}"
+            )
 
 
 class TokenLoss:
@@ -79,7 +93,8 @@ class TokenLoss:
         codebook: (K, D) the tokenizer's effective codebook (``quantizer.codebook``); needed for "snce".
         metric: the tokenizer's assignment metric; SNCE uses it unless ``config.metric`` overrides it.
         has_latents: whether the training data carries latents (checked against ``targets="latents"``).
-    Attributes ``tau``, ``metric`` and ``table`` hold what was resolved (tau after suggestion and scaling).
+    Attributes ``tau``, ``metric``, ``table`` and ``shuffle`` hold what was resolved (tau after suggestion and
+    scaling; ``shuffle`` a NeighborShuffle when ``config.shuffle_neighbors``).
     """
 
     def __init__(
@@ -93,7 +108,7 @@ class TokenLoss:
         if not isinstance(config, LossConfig):
             raise TypeError(f"config must be a LossConfig, got {type(config).__name__}")
         self.config = config
-        self.codebook, self.tau, self.metric, self.table = None, None, None, None
+        self.codebook, self.tau, self.metric, self.table, self.shuffle = None, None, None, None, None
         self.memory_budget = config.memory_budget_mb * 2**20
         if config.kind != "snce":
             return
@@ -116,17 +131,21 @@ class TokenLoss:
         self.tau = float(base) * config.tau_scale
         if config.targets == "codes" and config.topk is not None:
             self.table = NeighborTable.build(self.codebook, config.topk, self.tau, self.metric)
+        if config.shuffle_neighbors:
+            self.shuffle = NeighborShuffle(self.codebook.shape[0], config.shuffle_seed)
 
     @property
     def num_codes(self) -> int | None:
         return None if self.codebook is None else self.codebook.shape[0]
 
     def to(self, device) -> TokenLoss:
-        """Move the codebook and the table to ``device`` (in place); returns self."""
+        """Move the codebook, the table and the shuffle to ``device`` (in place); returns self."""
         if self.codebook is not None:
             self.codebook = self.codebook.to(device)
         if self.table is not None:
             self.table = self.table.to(device)
+        if self.shuffle is not None:
+            self.shuffle = self.shuffle.to(device)
         return self
 
     def describe(self) -> dict:
@@ -138,6 +157,8 @@ class TokenLoss:
             d.update(
                 tau=self.tau, metric=self.metric, topk=self.config.topk, targets=self.config.targets
             )
+        if self.shuffle is not None:  # absent otherwise, so earlier runs' descriptions stay as they were
+            d.update(shuffle_neighbors=True, shuffle_seed=self.shuffle.seed)
         return d
 
     def __call__(
@@ -172,6 +193,7 @@ class TokenLoss:
                 head_weight,
                 target,
                 table=self.table,
+                shuffle=self.shuffle,
                 metric=self.metric,
                 weight=weight,
                 reduction=reduction,
@@ -186,6 +208,7 @@ class TokenLoss:
             tau=self.tau,
             metric=self.metric,
             topk=cfg.topk,
+            shuffle=self.shuffle,
             weight=weight,
             reduction=reduction,
             memory_budget=self.memory_budget,

@@ -2,15 +2,25 @@
 
 from snce.losses.functional import fused_linear_cross_entropy, fused_linear_snce_loss, snce_loss
 from snce.losses.modules import FusedLinearSNCELoss, SNCELoss
-from snce.losses.targets import NeighborTable, neighbor_distribution, suggest_tau
+from snce.losses.targets import (
+    NeighborShuffle,
+    NeighborTable,
+    neighbor_distribution,
+    smoothing_for_entropy,
+    suggest_tau,
+    target_entropy,
+)
 
 __all__ = [
     "FusedLinearSNCELoss",
+    "NeighborShuffle",
     "NeighborTable",
     "SNCELoss",
     "fused_linear_cross_entropy",
     "fused_linear_snce_loss",
     "neighbor_distribution",
+    "smoothing_for_entropy",
     "snce_loss",
     "suggest_tau",
+    "target_entropy",
 ]

@@ -13,6 +13,12 @@ targets, its (n, K) teacher logits, so the peak extra memory is ~2 x n x K x 4 b
 formed in the forward pass (as Liger-Kernel does), so the backward is a scalar multiply and no matmul is
 recomputed; ``reduction="none"`` needs the upstream per-token gradient first, so the fused path re-runs its
 blocks in the backward. Elementwise work runs on sub-blocks of ``n`` that stay in the CPU's cache.
+
+With a :class:`~snce.losses.targets.NeighborShuffle` (the shuffled-neighbour control) a dense teacher block is
+moved column-wise, t'[i, pi_{y_i}(k)] = t[i, k], before its softmax (softmax commutes with permutations), in
+row groups of at most ``CACHE_BLOCK_BYTES``: each group holds two (g, K) int64 index tensors and a (g, K)
+scratch copy. That group is taken out of the memory budget. Sparse targets (top-k, NeighborTable) only have
+their (n, k) indices moved.
 """
 
 from __future__ import annotations
@@ -21,10 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
-from snce.losses.targets import TeacherLogits
+from snce.losses.targets import NeighborShuffle, TeacherLogits
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for the per-block (n, K) buffers
 CACHE_BLOCK_BYTES = 16 * 2**20  # elementwise sub-blocks (2 row buffers) stay in the last-level cache
+SHUFFLE_BYTES_PER_CODE = 24  # a dense shuffle group row: int64 labels, int64 destinations, float64 scratch
 
 
 @dataclass
@@ -34,7 +41,7 @@ class Problem:
     target: (N,) long. rows: (M,) long indices of non-ignored tokens. scale: (N,) per-token factor of the
     reduction (weight / #non-ignored for "mean", weight otherwise). Exactly one target kind is set:
     ``teacher`` (dense q, optionally ``topk``), ``table`` (NeighborTable), or hard labels (CE, with
-    ``smoothing``).
+    ``smoothing``). ``shuffle`` (soft targets only) moves each token's target by its code's permutation.
     """
 
     target: torch.Tensor
@@ -46,6 +53,7 @@ class Problem:
     topk: int | None = None
     table: object | None = None
     smoothing: float = 0.0
+    shuffle: NeighborShuffle | None = None
     block_rows: int = 256
 
     def blocks(self):
@@ -57,31 +65,60 @@ class Problem:
         return torch.empty(min(self.block_rows, max(1, self.rows.numel())), self.num_codes, dtype=dtype,
                            device=device)
 
-    def teacher_buffer(self) -> torch.Tensor | None:
-        if self.teacher is None:
-            return None
-        return self.block_buffer(self.teacher.dtype, self.target.device)
+    @property
+    def dense_shuffle(self) -> bool:
+        return self.shuffle is not None and self.teacher is not None and self.topk is None
 
-    def block_targets(self, rows: torch.Tensor, t_buf: torch.Tensor | None):
+    def target_buffers(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Reusable buffers of the dense targets: (block_rows, K) teacher logits and, for a dense shuffle, a
+        (g, K) scratch row group; None where not needed."""
+        if self.teacher is None:
+            return None, None
+        t_buf = self.block_buffer(self.teacher.dtype, self.target.device)
+        if not self.dense_shuffle:
+            return t_buf, None
+        rows = max(1, min(t_buf.shape[0], CACHE_BLOCK_BYTES // (SHUFFLE_BYTES_PER_CODE * self.num_codes)))
+        return t_buf, torch.empty_like(t_buf[:rows])
+
+    def block_targets(self, rows: torch.Tensor, buffers: tuple[torch.Tensor | None, torch.Tensor | None]):
         """-> (dense teacher logits (n, K) or None, sparse indices (n, k) or None, sparse probs (n, k)).
 
-        t_buf: the buffer from :meth:`teacher_buffer`, overwritten with this block's teacher logits."""
+        buffers: from :meth:`target_buffers`; the teacher buffer is overwritten with this block's logits."""
         if self.teacher is not None:
+            t_buf, scratch = buffers
             t = self.teacher.block(rows, self.target, out=t_buf[: rows.numel()])
             if self.topk is None:
+                if self.shuffle is not None:
+                    shuffle_columns_(t, self.target[rows], self.shuffle, scratch)
                 return t, None, None
             vals, idx = t.topk(self.topk, dim=1)
-            return None, idx, vals.softmax(dim=1)
-        if self.table is not None:
+            probs = vals.softmax(dim=1)
+        elif self.table is not None:
             idx, probs = self.table.lookup(self.target[rows])
-            return None, idx, probs
-        idx = self.target[rows, None]
-        return None, idx, torch.ones(idx.shape, dtype=torch.float32, device=idx.device)
+        else:
+            idx = self.target[rows, None]
+            return None, idx, torch.ones(idx.shape, dtype=torch.float32, device=idx.device)
+        if self.shuffle is not None:
+            idx = self.shuffle.permute(idx, self.target[rows])  # (n, k): same probs, moved codes
+        return None, idx, probs
 
 
-def block_rows_for(num_codes: int, memory_budget: int | None, block_rows: int | None) -> int:
+def shuffle_columns_(t: torch.Tensor, target: torch.Tensor, shuffle: NeighborShuffle, scratch: torch.Tensor):
+    """Dense teacher logits t (n, K) of tokens with codes target (n,) -> t[i, pi_{y_i}(k)] = t[i, k], in place.
+
+    Row groups of scratch's (g, K) rows: a scatter into scratch with index pi_{y_i}(k), then a copy back."""
+    every_code = torch.arange(t.shape[1], device=t.device)[None]  # (1, K), shared by the rows
+    for a in range(0, t.shape[0], scratch.shape[0]):
+        tb = t[a : a + scratch.shape[0]]  # (g, K)
+        dest = shuffle.permute(every_code, target[a : a + tb.shape[0]])  # (g, K): column k goes to pi(k)
+        tb.copy_(scratch[: tb.shape[0]].scatter_(1, dest, tb))
+
+
+def block_rows_for(
+    num_codes: int, memory_budget: int | None, block_rows: int | None, dense_shuffle: bool = False
+) -> int:
     """Rows per block: ``block_rows`` if given, else what fits two float32 (n, K) buffers (student and
-    teacher logits) in the budget."""
+    teacher logits) in the budget, less a ``CACHE_BLOCK_BYTES`` shuffle group for a dense shuffle."""
     if block_rows is not None:
         if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
             raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
@@ -89,7 +126,8 @@ def block_rows_for(num_codes: int, memory_budget: int | None, block_rows: int | 
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
     if not isinstance(budget, int) or budget < 1:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    return max(1, budget // (2 * 4 * num_codes))
+    reserved = CACHE_BLOCK_BYTES if dense_shuffle else 0
+    return max(1, (budget - reserved) // (2 * 4 * num_codes))
 
 
 def soft_ce_block(s, t, idx, probs, smoothing, want_grad) -> torch.Tensor:
@@ -146,11 +184,11 @@ def logits_pass(logits: torch.Tensor, problem: Problem, want_grad: bool):
     dt = compute_dtype(logits.dtype)
     loss_rows = torch.zeros(logits.shape[0], dtype=dt, device=logits.device)
     grad = torch.zeros_like(logits) if want_grad else None
-    s_buf, t_buf = problem.block_buffer(dt, logits.device), problem.teacher_buffer()
+    s_buf, t_bufs = problem.block_buffer(dt, logits.device), problem.target_buffers()
     for rows in problem.blocks():
         s = s_buf[: rows.numel()]
         s.copy_(logits[rows])
-        t, idx, probs = problem.block_targets(rows, t_buf)
+        t, idx, probs = problem.block_targets(rows, t_bufs)
         loss_rows[rows] = soft_ce_block(s, t, idx, probs, problem.smoothing, want_grad)
         if want_grad:
             grad.index_copy_(0, rows, s.mul_(problem.scale[rows, None].to(dt)).to(grad.dtype))
@@ -170,7 +208,7 @@ def linear_pass(hidden, weight, bias, problem: Problem, scale: torch.Tensor, nee
     grad_h = torch.zeros_like(hidden) if needs_grad[0] else None
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_grad[1] else None
     grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if needs_grad[2] else None
-    s_buf, t_buf = problem.block_buffer(dt, hidden.device), problem.teacher_buffer()
+    s_buf, t_bufs = problem.block_buffer(dt, hidden.device), problem.target_buffers()
     for rows in problem.blocks():
         h = hidden[rows]  # (n, H)
         if weight.dtype == dt:  # float32/64: the logits go straight into the reused block buffer
@@ -178,7 +216,7 @@ def linear_pass(hidden, weight, bias, problem: Problem, scale: torch.Tensor, nee
             s = torch.mm(h, weight.T, out=out) if bias is None else torch.addmm(bias, h, weight.T, out=out)
         else:  # low precision: matmul in the input dtype, softmax work in float32
             s = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).to(dt)
-        t, idx, probs = problem.block_targets(rows, t_buf)
+        t, idx, probs = problem.block_targets(rows, t_bufs)
         loss_rows[rows] = soft_ce_block(s, t, idx, probs, problem.smoothing, want_grad)
         if not want_grad:
             continue

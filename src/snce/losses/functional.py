@@ -5,6 +5,8 @@
 or its code embedding ``codebook[target]`` when ``latents`` is None (pre-tokenized data).
 ``fused_linear_snce_loss(hidden, head_weight, target, ...)`` is the same loss of
 ``hidden @ head_weight.T + head_bias`` without ever holding the (N, K) logits.
+Both take ``shuffle=NeighborShuffle(K, seed)`` for the shuffled-neighbour control: each token's q is moved
+by its code's fixed permutation pi_y (pi_y(y) = y), q'(pi_y(k)) = q(k) (torch path only).
 
 Leading batch dimensions are flattened: logits (..., K) with target (...); ``reduction="none"`` returns
 target's shape. The loss is float32 (float64 for float64 inputs) whatever the input precision.
@@ -16,7 +18,14 @@ import torch
 
 from snce.losses import chunked
 from snce.losses.chunked import Problem
-from snce.losses.targets import NeighborTable, TeacherLogits, check_finite, check_tau, check_topk
+from snce.losses.targets import (
+    NeighborShuffle,
+    NeighborTable,
+    TeacherLogits,
+    check_finite,
+    check_tau,
+    check_topk,
+)
 from snce.quantize.search import check_metric
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -50,7 +59,7 @@ def _flatten_target(target, batch_shape: torch.Size, name_of_source: str) -> tor
 
 def _build_problem(
     target, num_codes, device, dtype, *, codebook, latents, tau, metric, topk, table, weight,
-    ignore_index, reduction, memory_budget, block_rows, batch_shape, smoothing=0.0, hard=False,
+    ignore_index, reduction, memory_budget, block_rows, batch_shape, shuffle=None, smoothing=0.0, hard=False,
 ) -> Problem:
     """Validate everything (before any heavy work) and describe the targets of one call."""
     if reduction not in REDUCTIONS:
@@ -111,8 +120,14 @@ def _build_problem(
                 check_finite(latents, "latents")
             teacher = TeacherLogits(codebook.to(device), None if latents is None else latents.to(device),
                                     tau, metric)
+        if shuffle is not None:
+            if not isinstance(shuffle, NeighborShuffle):
+                raise TypeError(f"shuffle must be a snce.losses.NeighborShuffle or None, got {_describe(shuffle)}")
+            if shuffle.num_codes != num_codes:
+                raise ValueError(f"shuffle was built for {shuffle.num_codes} codes, but the logits have {num_codes}")
+            shuffle = shuffle.to(device)
 
-    return Problem(
+    problem = Problem(
         target=target,
         rows=(target != ignore_index).nonzero().view(-1),
         scale=chunked.mean_scale(target, weight, ignore_index, reduction, chunked.compute_dtype(dtype)),
@@ -122,8 +137,10 @@ def _build_problem(
         topk=topk,
         table=table,
         smoothing=smoothing,
-        block_rows=chunked.block_rows_for(num_codes, memory_budget, block_rows),
+        shuffle=shuffle,
     )
+    problem.block_rows = chunked.block_rows_for(num_codes, memory_budget, block_rows, problem.dense_shuffle)
+    return problem
 
 
 def _check_logits(logits) -> None:
@@ -142,6 +159,7 @@ def snce_loss(
     metric: str = "l2",
     topk: int | None = None,
     table: NeighborTable | None = None,
+    shuffle: NeighborShuffle | None = None,
     weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -156,10 +174,13 @@ def snce_loss(
         tau: temperature > 0. metric: "l2" (squared L2) | "cosine" (1 - cos) | "dot" (negative dot product).
         topk: keep the k nearest codes of each token, renormalised. table: a NeighborTable instead of
             on-the-fly targets (latents=None only; codebook, tau, metric and topk then come from the table).
+        shuffle: a NeighborShuffle of the K codes: the shuffled-neighbour control, q'(pi_y(k)) = q(k) for a
+            token of code y (same mass on y, same entropy, no geometry). Works with topk and table.
         weight: (...) per-token weights. ignore_index: target value whose tokens contribute nothing.
         reduction: "mean" (sum of weighted losses / number of non-ignored tokens) | "sum" | "none".
         memory_budget / block_rows: size of the per-block (n, K) buffers (default 256 MiB).
-    Memory: O(block_rows x K) beyond the inputs and the logits' gradient.
+    Memory: O(block_rows x K) beyond the inputs and the logits' gradient (a dense shuffle adds one
+    cache-sized row group, taken from ``memory_budget``).
     """
     _check_logits(logits)
     k = logits.shape[-1]
@@ -167,7 +188,7 @@ def snce_loss(
     problem = _build_problem(
         target, k, logits.device, logits.dtype, codebook=codebook, latents=latents, tau=tau, metric=metric,
         topk=topk, table=table, weight=weight, ignore_index=ignore_index, reduction=reduction,
-        memory_budget=memory_budget, block_rows=block_rows, batch_shape=logits.shape[:-1],
+        memory_budget=memory_budget, block_rows=block_rows, batch_shape=logits.shape[:-1], shuffle=shuffle,
     )
     loss = chunked._SoftCrossEntropy.apply(logits.reshape(-1, k), problem)
     return loss.view(logits.shape[:-1]) if reduction == "none" else loss
@@ -209,6 +230,7 @@ def fused_linear_snce_loss(
     metric: str = "l2",
     topk: int | None = None,
     table: NeighborTable | None = None,
+    shuffle: NeighborShuffle | None = None,
     weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -221,15 +243,19 @@ def fused_linear_snce_loss(
     hidden: (..., H), head_weight: (K, H), head_bias: (K,) or None; other arguments as :func:`snce_loss`.
     Gradients flow to hidden, head_weight and head_bias. Peak extra memory O(block_rows x K + N x H)
     plus the head weight's gradient.
-    impl: "auto" (Triton kernels for CUDA tensors when Triton is installed and neither ``topk`` nor
-    ``table`` is used, else torch), "torch" (the chunked torch path) or "triton" (force the kernels).
+    impl: "auto" (Triton kernels for CUDA tensors when Triton is installed and none of ``topk``, ``table``
+    and ``shuffle`` is used, else torch), "torch" (the chunked torch path) or "triton" (force the kernels).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "triton" and shuffle is not None:
+        raise ValueError("shuffle (the shuffled-neighbour control) is not supported by the Triton kernels; "
+                         "use impl='torch' (impl='auto' falls back to it)")
     from snce.losses import kernels  # light: Triton itself is imported only when a kernel is used
 
     if impl == "triton" or (
-        impl == "auto" and kernels.supports(hidden, head_weight, codebook, latents, topk=topk, table=table)
+        impl == "auto"
+        and kernels.supports(hidden, head_weight, codebook, latents, topk=topk, table=table, shuffle=shuffle)
     ):
         return kernels.fused_linear_snce_loss_triton(
             hidden, head_weight, target, head_bias, codebook=codebook, latents=latents, tau=tau, metric=metric,
@@ -241,7 +267,7 @@ def fused_linear_snce_loss(
     problem = _build_problem(
         target, k, hidden.device, hidden.dtype, codebook=codebook, latents=latents, tau=tau, metric=metric,
         topk=topk, table=table, weight=weight, ignore_index=ignore_index, reduction=reduction,
-        memory_budget=memory_budget, block_rows=block_rows, batch_shape=hidden.shape[:-1],
+        memory_budget=memory_budget, block_rows=block_rows, batch_shape=hidden.shape[:-1], shuffle=shuffle,
     )
     return _fused(hidden, head_weight, head_bias, problem)
 

@@ -3,6 +3,10 @@
 Materialises the (N, K) logits, the distances and q. Written independently of the chunked code: distances
 come from ``torch.cdist`` / explicit normalisation, not from :mod:`snce.quantize.search`. Computes in the
 inputs' precision (low precision is upcast to float32): tests pass float64 inputs to get a gold value.
+
+The shuffled-neighbour control is applied to the finished q, one row at a time, straight from the definition
+of :class:`~snce.losses.targets.NeighborShuffle` (its drawn relabelling and multipliers), not from its
+``permute`` or the chunked path's pre-softmax scatter.
 """
 
 from __future__ import annotations
@@ -22,28 +26,45 @@ def dense_distance(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> torc
     raise ValueError(f"unknown metric {metric!r}")
 
 
-def dense_targets(target, codebook, latents=None, *, tau, metric="l2", topk=None, table=None):
-    """(N, K) soft targets q, exactly as the SNCE paper defines them."""
+def dense_targets(target, codebook, latents=None, *, tau, metric="l2", topk=None, table=None, shuffle=None):
+    """(N, K) soft targets q, exactly as the SNCE paper defines them (shuffled when ``shuffle`` is given)."""
     codebook = _upcast(codebook)
     n_codes = codebook.shape[0]
     safe = target.clamp(0, n_codes - 1)  # ignored rows get a dummy code; their loss is zeroed later
     if table is not None:
         q = torch.zeros(target.shape[0], n_codes, dtype=codebook.dtype, device=target.device)
-        return q.scatter_(1, table.indices[safe], table.probs[safe].to(codebook.dtype))
-    z = codebook[safe] if latents is None else _upcast(latents)
-    t = -dense_distance(z, codebook, metric) / tau
-    if topk is not None:
-        kth = t.topk(topk, dim=1).values[:, -1:]
-        t = t.masked_fill(t < kth, float("-inf"))
-    return t.softmax(dim=1)
+        q.scatter_(1, table.indices[safe], table.probs[safe].to(codebook.dtype))
+    else:
+        z = codebook[safe] if latents is None else _upcast(latents)
+        t = -dense_distance(z, codebook, metric) / tau
+        if topk is not None:
+            kth = t.topk(topk, dim=1).values[:, -1:]
+            t = t.masked_fill(t < kth, float("-inf"))
+        q = t.softmax(dim=1)
+    return q if shuffle is None else shuffled_targets(q, safe, shuffle)
+
+
+def shuffled_targets(q, target, shuffle):
+    """q (N, K), target (N,) -> q' with q'[i, pi_y(k)] = q[i, k], y = target[i], where
+    pi_y(k) = rho^-1[(rho(y) + a_y (rho(k) - rho(y))) mod K] (rho: shuffle.labels, a: shuffle.multipliers)."""
+    n_codes = q.shape[1]
+    rho = shuffle.labels.to(q.device)
+    rho_inv = torch.empty_like(rho)
+    rho_inv[rho] = torch.arange(n_codes, device=q.device)
+    out = torch.empty_like(q)
+    for i, y in enumerate(target.tolist()):
+        c, a = int(rho[y]), int(shuffle.multipliers[y])
+        pi = rho_inv[(c + a * (rho - c)) % n_codes]  # (K,): pi[k] = pi_y(k)
+        out[i, pi] = q[i]
+    return out
 
 
 def snce_loss_reference(
-    logits, target, *, codebook, latents=None, tau=1.0, metric="l2", topk=None, table=None,
+    logits, target, *, codebook, latents=None, tau=1.0, metric="l2", topk=None, table=None, shuffle=None,
     weight=None, ignore_index=-100, reduction="mean",
 ):
     """-sum_k q_k log softmax(logits)_k per token, weighted, reduced."""
-    q = dense_targets(target, codebook, latents, tau=tau, metric=metric, topk=topk, table=table)
+    q = dense_targets(target, codebook, latents, tau=tau, metric=metric, topk=topk, table=table, shuffle=shuffle)
     log_p = _upcast(logits).log_softmax(dim=1)
     loss = -(q * log_p).sum(dim=1)
     return _reduce(loss, target, weight, ignore_index, reduction)

@@ -40,13 +40,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def supports(hidden: torch.Tensor, *tensors: torch.Tensor | None, topk=None, table=None) -> bool:
+def supports(
+    hidden: torch.Tensor, *tensors: torch.Tensor | None, topk=None, table=None, shuffle=None
+) -> bool:
     """Whether ``impl="auto"`` should take the Triton path: Triton installed, CUDA tensors, a kernel dtype
-    (float32 / bfloat16 / float16 hidden) and no ``topk`` / ``table`` (those stay on the torch path)."""
+    (float32 / bfloat16 / float16 hidden) and no ``topk`` / ``table`` / ``shuffle`` (those stay on the torch
+    path)."""
     on_cuda = all(t.is_cuda for t in (hidden, *tensors) if t is not None)
-    return (
-        topk is None and table is None and on_cuda and hidden.dtype in KERNEL_DTYPES and triton_available()
-    )
+    torch_only = topk is not None or table is not None or shuffle is not None
+    return not torch_only and on_cuda and hidden.dtype in KERNEL_DTYPES and triton_available()
 
 
 def __getattr__(name: str):
