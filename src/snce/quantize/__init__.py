@@ -8,7 +8,9 @@ from snce.quantize.base import (
     Quantizer,
     QuantizerOutput,
     UsageTracker,
+    codebook_health,
     codebook_usage,
+    distinct_rows,
     kmeans,
 )
 from snce.quantize.fvq import (
@@ -57,7 +59,9 @@ __all__ = [
     "VectorQuantizer",
     "build_quantizer",
     "code_blocks",
+    "codebook_health",
     "codebook_usage",
+    "distinct_rows",
     "kmeans",
     "learning_annealing",
     "learning_annealing_scheduler",

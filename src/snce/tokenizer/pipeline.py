@@ -1,4 +1,12 @@
-"""Tokenizer runs end to end: train (shared loop), evaluate (PSNR, SSIM, codebook usage), tokenize to shards.
+"""Tokenizer runs end to end: train (shared loop), evaluate (PSNR, SSIM, codebook health), tokenize to shards.
+
+Codebook initialisation. A quantizer that asks for a k-means initialisation (``VectorQuantizer`` with
+``kmeans_init: true``; the other quantizers keep their papers' initialisations) gets it in
+:func:`train_tokenizer` before the first step of a new run, from :func:`init_codebook_from_data`: latents of
+the freshly initialised encoder, drawn without replacement over the whole training set (at most the
+quantizer's ``kmeans_points``, 262,144 by default), not from the first batch (a batch of B h w latents for
+K > B h w codes would force duplicate codes). Under torchrun rank 0 computes it and broadcasts the quantizer's
+state; a resumed run keeps the codebook of its checkpoint.
 
 A run directory (``train.out_dir``) ends up holding::
 
@@ -19,16 +27,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from snce.config import Config, ConfigError, apply_override, atomic_write_text, parse_override
 from snce.data import DataConfig, ShardManifest, ShardWriter, build_dataset
-from snce.quantize import codebook_usage
+from snce.quantize.base import check_positive_int, codebook_health
 from snce.tokenizer.losses import LossConfig, TokenizerObjective
 from snce.tokenizer.model import Tokenizer, TokenizerConfig
-from snce.train import ImageCallback, TrainConfig, Trainer
-from snce.train.distributed import resolve_device
+from snce.train import ImageCallback, TrainConfig, Trainer, latest_checkpoint
+from snce.train.distributed import init_distributed, resolve_device
 
 DATA_FILE = "data.json"
 
@@ -79,12 +88,28 @@ def train_tokenizer(cfg: TokenizerRunConfig, *, resume: bool = False) -> Tokeniz
     Works single-process and under torchrun: rank 0 writes the files and gets the tokenizer, other ranks
     get None. The process group stays up (the caller may go on; ``cleanup_distributed`` ends it).
     To train a missing run or finish an interrupted one, pass
-    ``resume=latest_checkpoint(cfg.train.out_dir) is not None``.
+    ``resume=latest_checkpoint(cfg.train.out_dir) is not None``. A new run whose quantizer waits for a k-means
+    initialisation gets it from :func:`init_codebook_from_data` (seeded by ``train.seed``) before the Trainer
+    takes the model (so EMA weights and DDP start from it); a resumed run keeps its checkpoint's codebook.
     """
     dataset = build_dataset(cfg.data, split="train")
     torch.manual_seed(cfg.train.seed)
     tokenizer = Tokenizer(cfg.model)
     objective = TokenizerObjective(tokenizer, cfg.loss)
+    if (
+        not resume
+        and pending_codebook_init(tokenizer.quantizer)
+        and latest_checkpoint(cfg.train.out_dir) is None  # else the Trainer stops: an existing run
+    ):
+        info = init_distributed(cfg.train.device)
+        tokenizer.to(info.device)
+        if info.is_main:
+            init_codebook_from_data(
+                tokenizer, dataset, batch_size=max(1, cfg.train.batch_size // cfg.train.grad_accum),
+                device=info.device, seed=cfg.train.seed, progress=cfg.train.progress,
+            )  # fmt: skip
+        if info.distributed:
+            broadcast_state(tokenizer.quantizer)
     preview = torch.stack([dataset[i][0] for i in range(min(16, len(dataset)))])
 
     def reconstructions(model: TokenizerObjective) -> torch.Tensor:
@@ -113,6 +138,91 @@ def train_tokenizer(cfg: TokenizerRunConfig, *, resume: bool = False) -> Tokeniz
             model.tokenizer.save_pretrained(out / "tokenizer")
         cfg.data.save_json(out / "tokenizer" / DATA_FILE)
     return Tokenizer.from_pretrained(out / "tokenizer") if trainer.dist.is_main else None
+
+
+def pending_codebook_init(quantizer: torch.nn.Module) -> bool:
+    """Whether ``quantizer`` still waits for a k-means initialisation from data (``pending_init``)."""
+    return bool(getattr(quantizer, "pending_init", False))
+
+
+@torch.no_grad()
+def init_codebook_from_data(
+    tokenizer: Tokenizer,
+    dataset: Dataset,
+    *,
+    max_points: int | None = None,
+    max_images: int | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, int]:
+    """k-means initialisation of the tokenizer's codebook from its encoder's latents over ``dataset``.
+
+    Encodes (eval mode, no grad) ``min(len(dataset), max_images)`` images drawn without replacement
+    (``max_images`` defaults to ``max_points``, so each image contributes about one latent when the dataset is
+    large), keeps a uniform sample without replacement of ``max_points`` of their latents (default: the
+    quantizer's ``kmeans_points``; a running top-k over random keys, so O(max_points D) memory) and passes them
+    to ``quantizer.init_codebook``. The latents are the encoder outputs flattened to (N, D), exactly what the
+    quantizer receives in :meth:`Tokenizer.forward` (the quantizer maps them to its own space, e.g. unit vectors
+    under "cosine"). All draws come from ``torch.Generator().manual_seed(seed)``: the same call gives the same
+    codebook. The tokenizer ends on ``device`` in the train/eval mode it had.
+
+    Returns the counts: images encoded, latents seen, points given to the k-means.
+    """
+    quantizer = tokenizer.quantizer
+    if not callable(getattr(quantizer, "init_codebook", None)):
+        raise TypeError(
+            f"{type(quantizer).__name__} has no k-means initialisation (init_codebook); "
+            "only quantizers with kmeans_init take their codebook from data"
+        )
+    if max_points is None:
+        max_points = quantizer.kmeans_points
+    check_positive_int(max_points, "max_points")
+    if max_images is not None:
+        check_positive_int(max_images, "max_images")
+    check_positive_int(batch_size, "batch_size")
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: no latents to initialise the codebook from")
+    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+    num_images = min(len(dataset), max_points if max_images is None else max_images)
+    chosen = torch.randperm(len(dataset), generator=g)[:num_images]
+    chosen = chosen.sort().values  # read in order: locality
+    loader = DataLoader(
+        Subset(dataset, chosen.tolist()), batch_size=batch_size, shuffle=False,
+        generator=torch.Generator(),  # keeps the loader off the global RNG
+    )  # fmt: skip
+    was_training = tokenizer.training
+    tokenizer.to(dev).eval()
+    points = keys = None
+    seen = 0
+    for batch in tqdm(loader, desc="codebook init", disable=not progress):
+        z = tokenizer.encoder(_images(batch).to(dev))  # (B, D, h, w): the quantizer's input
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()  # (B h w, D)
+        key = torch.rand(flat.shape[0], generator=g).to(dev)
+        seen += flat.shape[0]
+        if points is not None:
+            flat, key = torch.cat([points, flat]), torch.cat([keys, key])
+        if flat.shape[0] > max_points:
+            # the max_points smallest keys so far: a uniform sample without replacement
+            keep = key.topk(max_points, largest=False).indices
+            flat, key = flat[keep], key[keep]
+        points, keys = flat, key
+    quantizer.init_codebook(points, max_points=max_points, generator=g)
+    tokenizer.train(was_training)
+    return {"images": num_images, "latents": seen, "points": int(points.shape[0])}
+
+
+@torch.no_grad()
+def broadcast_state(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy ``module``'s parameters and buffers from rank ``src`` to every rank (collective)."""
+    for tensor in module.state_dict().values():
+        # as float64 whatever the dtype: not every backend broadcasts bool buffers
+        wire = tensor if tensor.is_floating_point() else tensor.double()
+        dist.broadcast(wire, src=src)
+        if wire is not tensor:
+            tensor.copy_(wire)
 
 
 def load_data_config(tokenizer_dir: str | os.PathLike, overrides=()) -> DataConfig:
@@ -169,7 +279,10 @@ def evaluate_tokenizer(
     """Reconstruction quality and code usage over ``dataset``.
 
     Returns psnr (dB) and ssim (means over images), usage (fraction of the K codes used at least once),
-    perplexity (exp of the entropy of the code histogram), num_images, and with ``feature_net`` (a
+    perplexity (exp of the entropy of the code histogram), dead_codes (codes never assigned over ``dataset``:
+    K - used), duplicate_codes (codes with a lower-index code within a tiny tolerance: every member of a group
+    of near-identical codes but one; see :func:`snce.quantize.base.codebook_health`), num_images, and with
+    ``feature_net`` (a
     ``snce.metrics`` feature network, ``net(images) -> (features, logits)``) rfid: the Frechet distance between
     the features of the images and of their reconstructions.
     """
@@ -188,12 +301,15 @@ def evaluate_tokenizer(
 
             real.append(extract(feature_net, x)[0])
             fake.append(extract(feature_net, rec.clamp(-1, 1))[0])
-    usage, perplexity = codebook_usage(torch.cat(indices), tokenizer.codebook_size)
+    quantizer = tokenizer.quantizer
+    health = codebook_health(quantizer.codebook.detach(), quantizer.metric, torch.cat(indices))
     metrics = {
         "psnr": float(torch.cat(psnrs).mean()),
         "ssim": float(torch.cat(ssims).mean()),
-        "usage": usage,
-        "perplexity": perplexity,
+        "usage": health["usage"],
+        "perplexity": health["perplexity"],
+        "dead_codes": health["dead_codes"],
+        "duplicate_codes": health["duplicate_codes"],
         "num_images": float(sum(len(i) for i in indices)),
     }
     if feature_net is not None:
