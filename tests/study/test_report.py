@@ -1,80 +1,134 @@
-"""Study bookkeeping: headline arithmetic, config layering, refusing to reuse results made with other settings."""
+"""Study bookkeeping: the analysis on hand-made runs, config layering and checks, refusing to reuse results
+made with other settings."""
+
+import math
 
 import pytest
 
 from snce.config import ConfigError
-from snce.study import SettingsChanged, StudyConfig, headlines, load_study_config, steps_to_reach
-from snce.study.report import verdict
-from snce.study.run import check_spec
+from snce.study import SettingsChanged, StudyConfig, analyse, load_study_config
+from snce.study.config import arm_tau_scale
+from snce.study.report import verdict_paragraph
+from snce.study.run import arm_loss, check_spec, plan_runs
 
 
-def _evals(pairs):
-    return [{"step": s, "fid": f} for s, f in pairs]
-
-
-def test_steps_to_reach_interpolates_between_evaluations():
-    evals = _evals([(10, 50.0), (20, 30.0), (30, 10.0)])
-    assert steps_to_reach(evals, 40.0) == pytest.approx(15.0)  # halfway from 50 to 30
-    assert steps_to_reach(evals, 60.0) == 10.0  # already there at the first evaluation
-    assert steps_to_reach(evals, 10.0) == 30.0
-    assert steps_to_reach(evals, 5.0) is None
-
-
-def _run(kind, fids, tau_scale=None, family="autoregressive", K=256):
-    name = "ce" if kind == "ce" else f"snce_tau{tau_scale:g}x"
-    return {
-        "K": K, "family": family, "loss": name, "kind": kind, "tau_scale": tau_scale,
-        "tau": None if kind == "ce" else 0.1 * tau_scale, "evals": _evals(fids),
-    }  # fmt: skip
-
-
-def test_headline_picks_the_best_tau_and_the_fraction_of_ce_steps():
-    runs = [
-        _run("ce", [(100, 40.0), (200, 20.0)]),
-        _run(
-            "snce", [(100, 20.0), (200, 12.0)], tau_scale=1.0
-        ),  # reaches CE's final 20 at step 100
-        _run("snce", [(100, 35.0), (200, 25.0)], tau_scale=2.0),
-        _run("ce", [(100, 10.0), (200, 8.0)], family="masked_diffusion"),
-        _run("snce", [(100, 12.0), (200, 9.0)], tau_scale=1.0, family="masked_diffusion"),
+def _run(arm, seed, fids, val_fid=None, setting="vq", K=256, family="autoregressive", tau=0.1):
+    steps = [10 * (i + 1) for i in range(len(fids))]
+    evals = [
+        {"step": s, "fid": f, "nll": f / 10, "class_acc": 1 - f / 100}
+        for s, f in zip(steps, fids, strict=True)
     ]
-    ar, md = headlines(runs)
-    assert (ar["family"], ar["best_tau_scale"], ar["snce_wins"]) == ("autoregressive", 1.0, True)
-    assert ar["fraction_of_ce_steps"] == pytest.approx(0.5)
-    assert ar["snce_fid"] == {"snce_tau1x": 12.0, "snce_tau2x": 25.0}
-    assert (md["snce_wins"], md["fraction_of_ce_steps"]) == (False, None)
-    text = verdict([ar, md])
-    assert "1 of 2" in text and "did not in: masked_diffusion K=256" in text
-    assert "after 50% of CE's steps (autoregressive K=256)" in text
+    if val_fid is not None:
+        evals[-1]["val_fid"] = val_fid
+    loss = {"kind": "ce"} if arm == "ce" else {"kind": "snce", "tau": tau}
+    return {"setting": setting, "K": K, "family": family, "arm": arm, "seed": seed, "loss": loss,
+            "evals": evals}  # fmt: skip
+
+
+def test_analysis_pairs_by_seed_and_words_follow_the_intervals():
+    ce = {0: [50, 40, 30], 1: [60, 50, 40], 2: [40, 30, 20]}
+    runs = [_run("ce", s, f) for s, f in ce.items()]
+    # SNCE: exactly 5 below CE at every evaluation of every seed -> paired interval is a point: a win
+    # (the seed-to-seed spread of 10 would hide it in an unpaired comparison).
+    runs += [_run("snce", s, [v - 5 for v in f]) for s, f in ce.items()]
+    # shuffled: -1, +1, 0 at the end: interval straddles zero.
+    runs += [
+        _run("snce_shuffled", s, f[:-1] + [f[-1] + d])
+        for (s, f), d in zip(ce.items(), (-1, 1, 0), strict=True)
+    ]
+    (group,) = analyse(runs)
+    d = group["vs_ce"]["snce"]["final_fid"]
+    assert (d["mean"], d["lo"], d["hi"], d["verdict"]) == (-5.0, -5.0, -5.0, "win")
+    assert group["vs_ce"]["snce"]["auc_fid"]["verdict"] == "win"
+    assert group["vs_ce"]["snce"]["class_acc"]["verdict"] == "win"  # higher is better
+    shuffled = group["vs_ce"]["snce_shuffled"]["final_fid"]
+    assert shuffled["mean"] == pytest.approx(0.0) and shuffled["verdict"] == "no difference shown"
+    (geometry,) = [c for c in group["contrasts"] if c["baseline"] == "snce_shuffled"]
+    assert geometry["final_fid"]["mean"] == pytest.approx(-5.0)
+    # First reach: CE's best of seed 0 is 30 at step 30; SNCE (45, 35, 25) reaches 30 at step 25.
+    conv = group["convergence"]["ce_best"]
+    assert conv["ce"][0] == 30.0 and conv["snce"][0] == pytest.approx(25.0)
+    text = verdict_paragraph([group])
+    assert "SNCE vs CE, final FID -5 [-5, -5]: SNCE better (win)" in text
+    assert "vs SNCE, shuffled neighbours" in text
+
+
+def test_one_seed_gives_numbers_but_no_verdict():
+    runs = [_run("ce", 0, [50, 40]), _run("snce", 0, [30, 20])]
+    (group,) = analyse(runs)
+    d = group["vs_ce"]["snce"]["final_fid"]
+    assert d["mean"] == -20 and math.isnan(d["lo"]) and d["verdict"] == "no difference shown"
+
+
+def test_tau_is_selected_on_the_val_split_not_on_the_reported_metric():
+    runs = [_run("ce", s, [50, 40]) for s in (0, 1)]
+    # tau 0.5x has the better *test* FID, tau 2x the better *val* FID: the val FID decides.
+    runs += [_run("snce_tau0.5x", s, [30, 20], val_fid=45) for s in (0, 1)]
+    runs += [_run("snce", s, [30, 25], val_fid=40) for s in (0, 1)]
+    runs += [_run("snce_tau2x", s, [30, 30], val_fid=35) for s in (0, 1)]
+    (group,) = analyse(runs)
+    sel = group["tau_selection"]
+    assert sel["selected"] == "snce_tau2x" and sel["tau_scale"] == 2.0
+    assert sel["candidates"] == {"snce": 40, "snce_tau0.5x": 45, "snce_tau2x": 35}
+
+
+def test_arm_names_and_losses():
+    assert arm_tau_scale("snce") == 1.0 and arm_tau_scale("snce_tau0.25x") == 0.25
+    assert arm_tau_scale("ls") is None and arm_tau_scale("snce_shuffled") is None
+    cfg = StudyConfig()
+    info = {"tau": 0.2, "tau_latents": 0.05, "matched_smoothing": 0.37}
+    assert arm_loss(cfg, "ls", info, 0).label_smoothing == 0.1
+    assert arm_loss(cfg, "ls_matched", info, 0).label_smoothing == 0.37
+    assert arm_loss(cfg, "snce_tau0.5x", info, 0).tau == pytest.approx(0.1)
+    shuffled = arm_loss(cfg, "snce_shuffled", info, 3)
+    assert shuffled.shuffle_neighbors and shuffled.shuffle_seed == 3 and shuffled.tau == 0.2
+    latents = arm_loss(cfg, "snce_latents", info, 0)
+    assert (latents.targets, latents.tau) == ("latents", 0.05)
+
+
+def test_plan_covers_every_setting_family_arm_and_seed(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "seeds: [0, 1, 2]\n"
+        "loss: {arms: [ce, ls, snce]}\n"
+        "settings:\n"
+        "  - {name: vq, codebook_sizes: [64, 256], families: [autoregressive]}\n"
+        "  - {name: ibq, quantizer: {kind: ibq}, codebook_sizes: [256], families: [masked_diffusion],"
+        " arms: [ce, snce]}\n"
+    )
+    keys = plan_runs(load_study_config(path))
+    assert len(keys) == 2 * 3 * 3 + 1 * 2 * 3
+    assert {(k.setting, k.arm) for k in keys if k.setting == "ibq"} == {
+        ("ibq", "ce"),
+        ("ibq", "snce"),
+    }
 
 
 def test_quick_overrides_then_set(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(
-        "codebook_sizes: [256, 1024, 4096]\n"
-        "quick:\n  codebook_sizes: [16, 32]\n  generator.train.steps: 7\n  out_dir: q\n"
+        "seeds: [0, 1, 2, 3, 4]\nquick:\n  seeds: [0, 1]\n  generator.train.steps: 7\n  out_dir: q\n"
     )
     full = load_study_config(path)
-    assert full.codebook_sizes == (256, 1024, 4096) and full.out_dir == StudyConfig().out_dir
+    assert full.seeds == (0, 1, 2, 3, 4) and full.out_dir == StudyConfig().out_dir
     quick = load_study_config(path, ["generator.train.steps=9"], quick=True)
-    assert (
-        quick.codebook_sizes == (16, 32)
-        and quick.out_dir == "q"
-        and quick.generator.train.steps == 9
-    )
+    assert quick.seeds == (0, 1) and quick.out_dir == "q" and quick.generator.train.steps == 9
 
 
 def test_config_errors_name_the_key(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text("generator:\n  families: [autoregressive, gan]\n")
-    with pytest.raises(ConfigError, match="generator.families"):
-        load_study_config(path)
-    path.write_text("loss:\n  tau_scales: [0.0]\n")
-    with pytest.raises(ConfigError, match="loss.tau_scales"):
-        load_study_config(path)
-    path.write_text("quick:\n  eval.num_sample: 3\n")
-    with pytest.raises(ConfigError, match="eval.num_sample"):
-        load_study_config(path, quick=True)
+    for text, key in [
+        ("settings:\n  - {families: [autoregressive, gan]}\n", "settings.families"),
+        ("loss:\n  arms: [ls, snce]\n", "loss.arms"),  # no CE to compare with
+        ("loss:\n  arms: [ce, snce_tau0x]\n", "loss.arms"),
+        ("loss:\n  arms: [ce, focal]\n", "loss.arms"),
+        ("seeds: [1, 1]\n", "seeds"),
+        ("quick:\n  eval.num_sample: 3\n", "eval.num_sample"),
+        ("eval:\n  bootstrap: 1\n", "eval.bootstrap"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_study_config(path, quick=True)
 
 
 def test_results_made_with_other_settings_are_never_reused(tmp_path):

@@ -1,14 +1,20 @@
-"""The CE-vs-SNCE study: ``snce study --config configs/study/digits.yaml [--quick] [--set key=value]``."""
+"""The CE-vs-SNCE study: ``snce study --config configs/study/mnist.yaml [--quick] [--set key=value]``."""
 
-from snce.study.config import StudyConfig, load_study_config
-from snce.study.report import headlines, steps_to_reach
+from snce.study.config import StudyConfig, StudySetting, load_study_config
+from snce.study.report import analyse
 from snce.study.run import SettingsChanged, run_study
+from snce.study.stats import area_under_curve, first_reach, paired_difference, t_interval, verdict
 
 __all__ = [
     "SettingsChanged",
     "StudyConfig",
-    "headlines",
+    "StudySetting",
+    "analyse",
+    "area_under_curve",
+    "first_reach",
     "load_study_config",
+    "paired_difference",
     "run_study",
-    "steps_to_reach",
+    "t_interval",
+    "verdict",
 ]

@@ -1,7 +1,26 @@
-"""Configuration of a CE-vs-SNCE study (``snce study --config configs/study/digits.yaml``)."""
+"""Configuration of a CE-vs-SNCE study (``snce study --config configs/study/mnist.yaml``).
+
+A study is a grid run with one protocol: for every *setting* (a tokenizer: quantizer and metric) and codebook
+size K, one tokenizer is trained; on its tokens, every generator *family* is trained once per *arm* (loss)
+and *seed*. Seed s of every arm shares the generator's initial weights, the data order, the masking and the
+sampling noise, so arms are compared paired by seed. The arms:
+
+    ce               cross-entropy on the one-hot target (the baseline every arm is compared with)
+    ls               uniform label smoothing, epsilon = loss.label_smoothing (0.1, MaskGIT's recipe)
+    ls_matched       label smoothing whose target entropy equals the mean entropy of the snce targets
+    snce             SNCE at the suggested tau (1x), targets around the code embedding e_y: the pre-registered
+                     headline arm (never chosen by the reported metric)
+    snce_shuffled    snce's targets with each code's neighbour probabilities moved to a random permutation of
+                     the codes (fixed per code): same entropy and true-code mass, no geometry
+    snce_latents     SNCE at the suggested tau of the latents, targets around the continuous latent z (the
+                     paper's setting)
+    snce_tau{s}x     snce at s times the suggested tau (e.g. snce_tau0.5x): the tau sweep, reported apart; a tau
+                     is selected on the val split with other sampling seeds, never on the reported metric
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +34,28 @@ from snce.tokenizer import TokenizerConfig
 from snce.train import TrainConfig
 from snce.train.generator import SampleConfig
 
+FIXED_ARMS = ("ce", "ls", "ls_matched", "snce", "snce_shuffled", "snce_latents")
+SWEEP_ARM = re.compile(r"snce_tau(?P<scale>[0-9]*\.?[0-9]+)x")
+
+
+def arm_tau_scale(arm: str) -> float | None:
+    """The tau scale of an SNCE-on-codes arm (snce: 1, snce_tau{s}x: s); None for every other arm."""
+    if arm == "snce":
+        return 1.0
+    match = SWEEP_ARM.fullmatch(arm)
+    return float(match["scale"]) if match else None
+
+
+def check_arm(arm: str, key: str = "arms") -> None:
+    if arm in FIXED_ARMS:
+        return
+    scale = arm_tau_scale(arm)
+    if scale is None or not scale > 0:
+        raise ConfigError(
+            key,
+            f"unknown arm {arm!r}; expected one of {', '.join(FIXED_ARMS)} or snce_tau<s>x (s > 0)",
+        )
+
 
 def _train(**kw) -> TrainConfig:
     return TrainConfig(**{"progress": False, "tensorboard": False, **kw})
@@ -22,7 +63,7 @@ def _train(**kw) -> TrainConfig:
 
 @dataclass
 class StudyTokenizer(Config):
-    """How each codebook size's tokenizer is trained; ``model.quantizer.codebook_size`` is set per K."""
+    """How every tokenizer of the study is trained; a setting's ``quantizer`` and K are merged in per run."""
 
     model: TokenizerConfig = field(default_factory=TokenizerConfig)
     loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
@@ -30,102 +71,30 @@ class StudyTokenizer(Config):
 
 
 @dataclass
-class StudyGenerator(Config):
-    """The generators compared; every run of a family gets the same architecture, seed and budget.
+class StudySetting(Config):
+    """One tokenizer kind of the study and what is trained on its tokens.
 
-    preset: a named size (tiny, small, B, L); model: overrides of that preset (dim, n_layers, dropout, ...).
+    name: a short label used in directory names and the report (e.g. "vq", "ibq").
+    quantizer: with a ``kind``, the quantizer itself (e.g. {kind: ibq}); without, overrides of
+        ``tokenizer.model.quantizer`` (e.g. {metric: cosine}). codebook_size comes from K.
+    families: generator families trained on it. arms: the arms run here (empty: the study's ``loss.arms``).
     """
 
+    name: str = "vq"
+    quantizer: dict = field(default_factory=dict)
+    codebook_sizes: tuple[int, ...] = (1024,)
     families: tuple[str, ...] = ("autoregressive", "masked_diffusion")
-    preset: str = "tiny"
-    model: dict = field(default_factory=dict)
-    train: TrainConfig = field(default_factory=lambda: _train(steps=400, batch_size=64, lr=1e-3))
+    arms: tuple[str, ...] = ()
+
+    def quantizer_config(self, base: dict) -> dict:
+        """This setting's quantizer config, given the study's ``tokenizer.model.quantizer``."""
+        return dict(self.quantizer) if "kind" in self.quantizer else {**base, **self.quantizer}
 
     def check(self) -> None:
-        for f in self.families:
-            if f not in FAMILIES:
-                raise ConfigError("families", f"expected names from {sorted(FAMILIES)}, got {f!r}")
-        if not self.families:
-            raise ConfigError("families", "needs at least one generator family")
-        if self.preset not in PRESETS:
-            raise ConfigError("preset", f"expected one of {sorted(PRESETS)}, got {self.preset!r}")
-
-
-@dataclass
-class StudyLoss(Config):
-    """The losses compared: CE, and SNCE at ``suggest_tau`` times each of ``tau_scales``.
-
-    targets "codes": q around the code embedding e_y (pre-tokenized data); "latents": around the encoder's
-    continuous latent z (shards store latents). topk: keep the k nearest codes (null: the full codebook).
-    """
-
-    tau_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
-    targets: str = "codes"
-    topk: int | None = None
-
-    def check(self) -> None:
-        if not self.tau_scales or any(not s > 0 for s in self.tau_scales):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             raise ConfigError(
-                "tau_scales", f"expected positive numbers, got {list(self.tau_scales)}"
+                "name", f"must be letters, digits, '_', '-' or '.', got {self.name!r}"
             )
-        if self.targets not in ("codes", "latents"):
-            raise ConfigError("targets", f"expected 'codes' or 'latents', got {self.targets!r}")
-
-
-@dataclass
-class StudyEval(Config):
-    """Evaluation every ``every`` generator steps (and at the last step).
-
-    num_samples: images sampled per evaluation (classes cycled 0, 1, ...; the same sampling seed every time),
-    with the ``sample`` settings (CFG scale, temperature, masked-diffusion steps).
-    inception_weights: a local FID Inception-v3 file (else $SNCE_INCEPTION_WEIGHTS, else the built-in domain
-    classifier trained on the real images). nll_samples: held-out token grids for the validation NLL.
-    grid_samples: images in each run's final sample grid.
-    """
-
-    every: int = 100
-    num_samples: int = 300
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    inception_weights: str | None = None
-    domain_steps: int = 300
-    domain_width: int = 32
-    nll_samples: int = 300
-    grid_samples: int = 40
-    num_real: int | None = (
-        None  # real training images the metrics compare with (evenly spaced); null = all
-    )
-
-    def check(self) -> None:
-        for name in ("every", "num_samples", "nll_samples", "grid_samples"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.num_real is not None and self.num_real < 8:
-            raise ConfigError("num_real", f"must be >= 8 or null (all), got {self.num_real}")
-        if self.num_samples < 8:
-            raise ConfigError(
-                "num_samples", f"must be >= 8 for FID/KID/precision-recall, got {self.num_samples}"
-            )
-
-
-@dataclass
-class StudyConfig(Config):
-    """A study: for each K, a tokenizer, then CE and SNCE generators of each family, evaluated over steps.
-
-    quick: overrides (dotted key -> value) applied by ``--quick``, for a smoke run of a few minutes.
-    """
-
-    out_dir: str = "runs/study"
-    seed: int = 0
-    device: str = "auto"
-    data: DataConfig = field(default_factory=DataConfig)
-    codebook_sizes: tuple[int, ...] = (256, 4096, 16384)
-    tokenizer: StudyTokenizer = field(default_factory=StudyTokenizer)
-    generator: StudyGenerator = field(default_factory=StudyGenerator)
-    loss: StudyLoss = field(default_factory=StudyLoss)
-    eval: StudyEval = field(default_factory=StudyEval)
-    quick: dict = field(default_factory=dict)
-
-    def check(self) -> None:
         if not self.codebook_sizes or any(k < 2 for k in self.codebook_sizes):
             raise ConfigError(
                 "codebook_sizes", f"expected sizes >= 2, got {list(self.codebook_sizes)}"
@@ -134,6 +103,139 @@ class StudyConfig(Config):
             raise ConfigError(
                 "codebook_sizes", f"must be distinct, got {list(self.codebook_sizes)}"
             )
+        if not self.families:
+            raise ConfigError("families", "needs at least one generator family")
+        for f in self.families:
+            if f not in FAMILIES:
+                raise ConfigError("families", f"expected names from {sorted(FAMILIES)}, got {f!r}")
+        for arm in self.arms:
+            check_arm(arm)
+        if self.arms and "ce" not in self.arms:
+            raise ConfigError(
+                "arms", "must include 'ce': every arm is compared with CE, seed by seed"
+            )
+
+
+@dataclass
+class StudyGenerator(Config):
+    """The generators: every run of a family gets the same architecture and budget.
+
+    preset: a named size (tiny, small, B, L); model: overrides of it (dim, n_layers, dropout, ...). The
+    study's schedule is warmup then constant learning rate, so a checkpoint does not depend on the budget.
+    """
+
+    preset: str = "tiny"
+    model: dict = field(default_factory=dict)
+    train: TrainConfig = field(
+        default_factory=lambda: _train(steps=400, batch_size=64, lr=1e-3, schedule="constant")
+    )
+
+    def check(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError("preset", f"expected one of {sorted(PRESETS)}, got {self.preset!r}")
+
+
+@dataclass
+class StudyLoss(Config):
+    """The arms compared (see the module docstring) and their shared settings.
+
+    topk: keep the k nearest codes in every SNCE arm (null: the full codebook).
+    """
+
+    arms: tuple[str, ...] = ("ce", "ls", "ls_matched", "snce", "snce_shuffled")
+    label_smoothing: float = 0.1
+    topk: int | None = None
+
+    def check(self) -> None:
+        if not self.arms or "ce" not in self.arms:
+            raise ConfigError(
+                "arms", "must include 'ce': every arm is compared with CE, seed by seed"
+            )
+        for arm in self.arms:
+            check_arm(arm)
+        if not 0 < self.label_smoothing < 1:
+            raise ConfigError("label_smoothing", f"must lie in (0, 1), got {self.label_smoothing}")
+        if self.topk is not None and self.topk < 1:
+            raise ConfigError("topk", f"must be >= 1 or null, got {self.topk}")
+
+
+@dataclass
+class StudyEval(Config):
+    """How runs are measured.
+
+    Every ``every`` generator steps (and at the last step) ``num_samples`` images are sampled (classes
+    balanced, the run's test sampling seed) and compared with the held-out *test* split, which neither the
+    tokenizer, the generator nor the feature network saw: FID with a ``bootstrap`` interval, KID,
+    precision/recall, class consistency, code usage, and the held-out NLL on ``nll_samples`` test images'
+    tokens. At the last step the run is also sampled with its *val* seed and compared with the val split
+    (``val_fid``): the only number a tau is ever selected by.
+    The feature network: Inception-v3 from ``inception_weights`` (or $SNCE_INCEPTION_WEIGHTS), else the
+    built-in domain classifier trained on ``feature_images`` training images.
+    """
+
+    every: int = 50
+    num_samples: int = 2000
+    bootstrap: int = 200
+    confidence: float = 0.95
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    inception_weights: str | None = None
+    feature_images: int = 10000
+    domain_steps: int = 300
+    domain_width: int = 32
+    nll_samples: int = 2000
+    grid_samples: int = 40
+
+    def check(self) -> None:
+        for name in ("every", "nll_samples", "grid_samples", "feature_images"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.num_samples < 8:
+            raise ConfigError(
+                "num_samples", f"must be >= 8 for FID/KID/precision-recall, got {self.num_samples}"
+            )
+        if self.bootstrap < 0 or self.bootstrap == 1:
+            raise ConfigError("bootstrap", f"must be 0 (no interval) or >= 2, got {self.bootstrap}")
+        if not 0 < self.confidence < 1:
+            raise ConfigError("confidence", f"must lie in (0, 1), got {self.confidence}")
+
+
+@dataclass
+class StudyConfig(Config):
+    """A study: tokenizers per (setting, K), then generators per (family, arm, seed), evaluated over steps.
+
+    seed: the tokenizers' and the feature network's seed. seeds: the generator seeds (>= 3 for intervals
+    worth reading; 1 gives numbers but no verdicts). workers: runs trained at once, each in its own process
+    with one thread (2 on a 2-core CPU; 1 runs in this process, as under torchrun).
+    quick: overrides (dotted key -> value) applied by ``--quick``, for a smoke run of a few minutes.
+    """
+
+    out_dir: str = "runs/study"
+    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    device: str = "auto"
+    workers: int = 1
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: StudyTokenizer = field(default_factory=StudyTokenizer)
+    settings: tuple[StudySetting, ...] = (StudySetting(),)
+    generator: StudyGenerator = field(default_factory=StudyGenerator)
+    loss: StudyLoss = field(default_factory=StudyLoss)
+    eval: StudyEval = field(default_factory=StudyEval)
+    quick: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError("seeds", f"expected distinct seeds, got {list(self.seeds)}")
+        if self.workers < 1:
+            raise ConfigError("workers", f"must be >= 1, got {self.workers}")
+        if not self.settings:
+            raise ConfigError("settings", "needs at least one tokenizer setting")
+        names = [s.name for s in self.settings]
+        if len(set(names)) != len(names):
+            raise ConfigError("settings", f"setting names must be distinct, got {names}")
+
+    def arms(self, setting: StudySetting) -> tuple[str, ...]:
+        """The arms run on ``setting``'s tokens."""
+        return setting.arms or self.loss.arms
 
 
 def load_study_config(path, overrides=(), *, quick: bool = False) -> StudyConfig:
@@ -161,8 +263,6 @@ def load_study_config(path, overrides=(), *, quick: bool = False) -> StudyConfig
 
 def _as_text(value) -> str:
     """A YAML value back to the text form ``apply_override`` parses."""
-    import yaml
-
     return (
         value
         if isinstance(value, str)

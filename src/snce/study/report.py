@@ -1,162 +1,566 @@
-"""The study's outputs: headline numbers, ``results.json``, ``report.md``, metric-vs-step plots, sample grids."""
+"""The study's outputs: the analysis (paired intervals and verdict words), ``results.json``, ``report.md``,
+plots with interval bands, and sample grids.
+
+Every word of the report follows from :mod:`snce.study.stats`: a difference is a "win" or a "loss" only when
+its paired 95% interval over seeds excludes zero, otherwise "no difference shown".
+"""
 
 from __future__ import annotations
 
 import math
 import os
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from snce.study.config import arm_tau_scale
 from snce.study.run import write_json
+from snce.study.stats import (
+    LOSS,
+    WIN,
+    area_under_curve,
+    first_reach,
+    paired_difference,
+    t_interval,
+    verdict,
+)
 from snce.train import image_grid
 
-PLOTTED = {
-    "fid": "FID (lower is better)",
-    "kid": "KID (lower is better)",
-    "nll": "validation NLL, nats/token",
-    "soft_nll": "validation soft NLL at suggested tau, nats/token",
-    "class_acc": "class consistency (higher is better)",
-    "precision": "precision",
-    "recall": "recall",
-    "code_usage": "fraction of codes used by samples",
+# Per-run numbers compared between arms: name -> (how to read it off a run, lower is better)
+METRICS = {
+    "final_fid": (lambda r: r["evals"][-1]["fid"], True),
+    "auc_fid": (lambda r: area_under_curve(*_curve(r, "fid")), True),
+    "nll": (lambda r: r["evals"][-1]["nll"], True),
+    "class_acc": (lambda r: r["evals"][-1].get("class_acc", math.nan), False),
+}
+# Pairs compared beyond "arm vs CE": (arm, baseline, what the difference measures)
+CONTRASTS = [
+    ("snce", "snce_shuffled", "geometry: SNCE vs the same targets on random codes"),
+    ("snce", "ls_matched", "SNCE vs smoothing of equal entropy"),
+    ("snce", "ls", "SNCE vs label smoothing 0.1"),
+    ("snce_latents", "snce", "targets from z vs from the code"),
+]
+ARM_ORDER = ["ce", "ls", "ls_matched", "snce", "snce_shuffled", "snce_latents"]
+ARM_LABEL = {
+    "ce": "CE",
+    "ls": "LS 0.1",
+    "ls_matched": "LS, SNCE's entropy",
+    "snce": "SNCE (tau 1x)",
+    "snce_shuffled": "SNCE, shuffled neighbours",
+    "snce_latents": "SNCE, targets from z",
 }
 
 
-def steps_to_reach(evals: list[dict], target: float, key: str = "fid") -> float | None:
-    """First step at which ``key`` falls to ``target`` or below, interpolating linearly between evaluations."""
-    prev = None
-    for e in evals:
-        if e[key] <= target:
-            if prev is None or prev[1] == e[key]:
-                return float(e["step"])
-            (s0, v0), (s1, v1) = prev, (e["step"], e[key])
-            return s0 + (v0 - target) / (v0 - v1) * (s1 - s0)
-        prev = (e["step"], e[key])
-    return None
+def _curve(run: dict, key: str) -> tuple[list[int], list[float]]:
+    evals = [e for e in run["evals"] if key in e]
+    return [e["step"] for e in evals], [e[key] for e in evals]
 
 
-def headlines(runs: list[dict]) -> list[dict]:
-    """Per (K, family): CE's final FID, each SNCE tau's, the winning tau, and the fraction of CE's steps the
-    winner needed to reach CE's final FID (None: it never did)."""
-    out = []
-    keys = sorted({(r["K"], r["family"]) for r in runs}, key=lambda kf: (kf[0], kf[1]))
-    for K, family in keys:
-        group = [r for r in runs if r["K"] == K and r["family"] == family]
-        ce = next((r for r in group if r["kind"] == "ce"), None)
-        snce = [r for r in group if r["kind"] == "snce"]
-        if ce is None or not snce:
+def arm_sort_key(arm: str) -> tuple:
+    scale = arm_tau_scale(arm)
+    return (ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER), scale or 0.0)
+
+
+def arm_label(arm: str) -> str:
+    return ARM_LABEL.get(arm) or f"SNCE (tau {arm_tau_scale(arm):g}x)"
+
+
+# ------------------------------------------------------------------------------------------ analysis
+
+
+def compare(runs_a: dict[int, dict], runs_b: dict[int, dict], confidence: float) -> dict:
+    """Paired differences (a - b) over the seeds both arms ran, for every metric in METRICS."""
+    seeds = sorted(set(runs_a) & set(runs_b))
+    out = {"seeds": seeds}
+    for name, (read, lower_is_better) in METRICS.items():
+        a, b = [read(runs_a[s]) for s in seeds], [read(runs_b[s]) for s in seeds]
+        if not seeds or any(math.isnan(x) for x in a + b):
             continue
-        ce_final = ce["evals"][-1]
-        best = min(snce, key=lambda r: r["evals"][-1]["fid"])
-        reached = steps_to_reach(best["evals"], ce_final["fid"])
-        out.append(
-            {
-                "K": K,
-                "family": family,
-                "ce_fid": ce_final["fid"],
-                "ce_steps": ce_final["step"],
-                "snce_fid": {r["loss"]: r["evals"][-1]["fid"] for r in snce},
-                "best_tau_scale": best["tau_scale"],
-                "best_tau": best["tau"],
-                "best_snce_fid": best["evals"][-1]["fid"],
-                "steps_to_ce_fid": reached,
-                "fraction_of_ce_steps": None if reached is None else reached / ce_final["step"],
-                "snce_wins": best["evals"][-1]["fid"] < ce_final["fid"],
-            }
-        )
+        diff = paired_difference(a, b, confidence)
+        out[name] = {**diff.to_dict(), "verdict": verdict(diff, lower_is_better=lower_is_better)}
     return out
+
+
+def convergence(by_arm: dict[str, dict[int, dict]]) -> dict:
+    """Per seed, the step at which each arm first reaches CE's best and CE's final FID of that seed, and CE's
+    own first-reach steps of the same targets (None: not reached within the run)."""
+    ce = by_arm["ce"]
+    out = {}
+    for target in ("ce_best", "ce_final"):
+        rows = {}
+        for arm, runs in by_arm.items():
+            steps = {}
+            for seed in sorted(set(runs) & set(ce)):
+                _, ce_fid = _curve(ce[seed], "fid")
+                value = min(ce_fid) if target == "ce_best" else ce_fid[-1]
+                steps[seed] = first_reach(*_curve(runs[seed], "fid"), value)
+            rows[arm] = steps
+        out[target] = rows
+    return out
+
+
+def analyse(runs: list[dict], confidence: float = 0.95) -> list[dict]:
+    """One entry per (setting, K, family): every arm's summary, its comparison with CE and the contrasts,
+    first-reach steps, and the tau selected on the val split (when the group swept tau)."""
+    groups = defaultdict(lambda: defaultdict(dict))
+    for r in runs:
+        groups[(r["setting"], r["K"], r["family"])][r["arm"]][r["seed"]] = r
+    out = []
+    for (setting, K, family), by_arm in sorted(groups.items()):
+        arms = sorted(by_arm, key=arm_sort_key)
+        summary = {}
+        for arm in arms:
+            seeds = sorted(by_arm[arm])
+            row = {"seeds": seeds, "tau": by_arm[arm][seeds[0]]["loss"].get("tau")}
+            for name, (read, _) in METRICS.items():
+                values = [read(by_arm[arm][s]) for s in seeds]
+                if not any(math.isnan(v) for v in values):
+                    row[name] = {**t_interval(values, confidence).to_dict(), "values": values}
+            val = [by_arm[arm][s]["evals"][-1].get("val_fid") for s in seeds]
+            if None not in val:
+                row["val_fid"] = float(np.mean(val))
+            summary[arm] = row
+        group = {"setting": setting, "K": K, "family": family, "arms": summary}
+        if "ce" in by_arm:
+            group["vs_ce"] = {
+                arm: compare(by_arm[arm], by_arm["ce"], confidence) for arm in arms if arm != "ce"
+            }
+            group["convergence"] = convergence(by_arm)
+        group["contrasts"] = [
+            {"arm": a, "baseline": b, "measures": what, **compare(by_arm[a], by_arm[b], confidence)}
+            for a, b, what in CONTRASTS
+            if a in by_arm and b in by_arm
+        ]
+        swept = [a for a in arms if arm_tau_scale(a) is not None and "val_fid" in summary[a]]
+        if len(swept) > 1:
+            chosen = min(swept, key=lambda a: summary[a]["val_fid"])
+            group["tau_selection"] = {
+                "candidates": {a: summary[a]["val_fid"] for a in swept},
+                "selected": chosen,
+                "tau_scale": arm_tau_scale(chosen),
+            }
+        out.append(group)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ words
+
+
+def _f(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def _diff(d: dict | None) -> str:
+    """'-3.2 [-5.1, -1.3]' or '-3.2 (one seed)'."""
+    if not d:
+        return "n/a"
+    if d["n"] < 2:
+        return f"{d['mean']:+.3g} (one seed)"
+    return f"{d['mean']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}]"
+
+
+def _mean(d: dict | None) -> str:
+    if not d:
+        return "n/a"
+    if d["n"] < 2:
+        return _f(d["mean"])
+    return f"{d['mean']:.3g} [{d['lo']:.3g}, {d['hi']:.3g}]"
+
+
+def _where(g: dict) -> str:
+    return f"{g['setting']} K={g['K']:,} {g['family'].replace('_', ' ')}"
+
+
+def verdict_paragraph(groups: list[dict]) -> str:
+    """Plain sentences, one per comparison that matters, each saying only what its interval says."""
+    if not groups or not any("vs_ce" in g for g in groups):
+        return "No arm has been compared with CE yet."
+    lines = []
+    for g in groups:
+        parts = []
+        vs = g.get("vs_ce", {})
+        if "snce" in vs and "final_fid" in vs["snce"]:
+            d = vs["snce"]["final_fid"]
+            parts.append(f"SNCE vs CE, final FID {_diff(d)}: {_word(d['verdict'], 'SNCE')}")
+            a = vs["snce"].get("auc_fid")
+            if a:
+                parts.append(
+                    f"FID averaged over training {_diff(a)}: {_word(a['verdict'], 'SNCE')}"
+                )
+        for c in g["contrasts"]:
+            if c["arm"] == "snce" and "final_fid" in c:
+                d = c["final_fid"]
+                parts.append(
+                    f"vs {arm_label(c['baseline'])} {_diff(d)}: {_word(d['verdict'], 'SNCE')}"
+                )
+        if parts:
+            lines.append(f"- **{_where(g)}**: " + "; ".join(parts) + ".")
+    return "\n".join(lines) if lines else "SNCE (tau 1x) was not among the arms."
+
+
+def _word(word: str, who: str) -> str:
+    if word == WIN:
+        return f"{who} better (win)"
+    if word == LOSS:
+        return f"{who} worse (loss)"
+    return "no difference shown"
+
+
+def render_report(results: dict, figures: list[Path], out: Path) -> str:
+    cfg, groups, floors = results["config"], results["analysis"], results["floors"]
+    e, g = cfg["eval"], cfg["generator"]
+    feats = floors.get("features", {})
+    if feats.get("features") == "inception":
+        space = f"Inception-v3 features from `{feats['weights']}`"
+    else:
+        space = (
+            f"features of the built-in domain classifier (trained on {e['feature_images']:,} training images; "
+            f"its held-out accuracy {_f(feats.get('heldout_accuracy'))}). These FIDs compare runs with each "
+            "other; they are not comparable with published Inception FIDs"
+        )
+    seeds = cfg["seeds"]
+    confidence = f"{e['confidence']:.0%}"
+    lines = [
+        "# CE vs SNCE study",
+        "",
+        "## Protocol",
+        "",
+        f"- Data: `{cfg['data']['path'] or cfg['data']['name']}` at {cfg['data']['size']} px. Tokenizers, "
+        "generators and the feature network train on the train split; every reported metric is measured "
+        "against the held-out test split, which none of them saw; a tau is selected (if at all) on the val split.",
+        "- Settings (tokenizers): "
+        + "; ".join(
+            f"`{s['name']}` ({s['quantizer'] or cfg['tokenizer']['model']['quantizer']}) at K = "
+            + ", ".join(f"{k:,}" for k in s["codebook_sizes"])
+            + f", families {', '.join(s['families'])}"
+            for s in cfg["settings"]
+        )
+        + ".",
+        f"- Generators: preset `{g['preset']}` {g['model'] or ''}, {g['train']['steps']} steps at batch "
+        f"{g['train']['batch_size']}, lr {g['train']['lr']:g} ({g['train']['schedule']} after "
+        f"{g['train']['warmup_steps']} warmup steps), identical for every arm.",
+        f"- Seeds: {len(seeds)} generator seeds ({', '.join(map(str, seeds))}); seed s of every arm shares the "
+        "initial weights, data order, masks and sampling noise. Differences are paired by seed: mean and "
+        f"{confidence} t-interval; a difference is a win or a loss only when its interval excludes zero.",
+        f"- Evaluation: every {e['every']} steps, {e['num_samples']:,} samples (classes balanced), FID in "
+        f"{space}; FID intervals of single runs are bootstrap intervals over the samples ({e['bootstrap']} "
+        "resamples); intervals of arms are over seeds.",
+        f"- Arms: {', '.join(f'`{a}`' for a in cfg['loss']['arms'])} (per setting: see the tables). The "
+        "headline arm, fixed before any run, is `snce` at the suggested tau (1x); `snce_shuffled` has the "
+        "same entropy and true-code mass with the geometry removed, `ls_matched` the same entropy.",
+        "",
+        "## Verdict",
+        "",
+        verdict_paragraph(groups),
+        "",
+        "## Floors (what a perfect generator would score at this sample size)",
+        "",
+        "| reference | FID [bootstrap] | precision | recall | class acc |",
+        "|---|---|---|---|---|",
+        _floor_row("real train images vs test split", floors.get("train_vs_test")),
+    ]
+    for t in results["tokenizers"]:
+        lines.append(
+            _floor_row(
+                f"{t['setting']} K={t['K']:,} reconstructions of test images",
+                t["reconstruction_floor"],
+            )
+        )
+    if "test_class_acc" in floors:
+        lines += ["", f"Class consistency of the real test images: {_f(floors['test_class_acc'])}."]
+    lines += [
+        "",
+        "## Verdict table: every arm vs CE, paired by seed",
+        "",
+        f"Differences arm - CE: mean [{confidence} interval]. FID and NLL: lower is better; class acc: higher.",
+        "",
+        "| setting | K | family | arm | final FID | FID, training average | held-out NLL | class acc |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for grp in groups:
+        for arm, c in grp.get("vs_ce", {}).items():
+            cells = [
+                f"{_diff(c.get(m))} {c[m]['verdict']}" if m in c else "n/a"
+                for m in ("final_fid", "auc_fid", "nll", "class_acc")
+            ]
+            lines.append(
+                f"| {grp['setting']} | {grp['K']:,} | {grp['family']} | {arm_label(arm)} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    lines += [
+        "",
+        "## Controls: what SNCE's effect comes from",
+        "",
+        "| setting | K | family | comparison | final FID | FID, training average | held-out NLL |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for grp in groups:
+        for c in grp["contrasts"]:
+            cells = [
+                f"{_diff(c.get(m))} {c[m]['verdict']}" if m in c else "n/a"
+                for m in ("final_fid", "auc_fid", "nll")
+            ]
+            lines.append(
+                f"| {grp['setting']} | {grp['K']:,} | {grp['family']} | {arm_label(c['arm'])} - "
+                f"{arm_label(c['baseline'])} ({c['measures']}) | " + " | ".join(cells) + " |"
+            )
+    lines += [
+        "",
+        "## Every arm (mean over seeds, t-interval)",
+        "",
+        "| setting | K | family | arm | tau | final FID | FID, training average | held-out NLL | class acc | val FID |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for grp in groups:
+        for arm, s in grp["arms"].items():
+            lines.append(
+                f"| {grp['setting']} | {grp['K']:,} | {grp['family']} | {arm_label(arm)} | {_f(s['tau'])} | "
+                f"{_mean(s.get('final_fid'))} | {_mean(s.get('auc_fid'))} | {_mean(s.get('nll'))} | "
+                f"{_mean(s.get('class_acc'))} | {_f(s.get('val_fid'))} |"
+            )
+    lines += _convergence_section(groups)
+    lines += _tau_section(groups)
+    lines += [
+        "",
+        "## Tokenizers",
+        "",
+        "Quality on the test split; code health over the training tokens (duplicates: codes equal to another "
+        "code; dead: codes no training token uses); tau: the suggested temperature; H(q): mean entropy of the "
+        "SNCE targets over training tokens (nats); eps: the label smoothing of equal entropy.",
+        "",
+        "| setting | K | metric | PSNR dB | SSIM | test usage | perplexity | duplicates | dead | tau | H(q) | eps | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in results["tokenizers"]:
+        q, h = t["test"], t["health"]
+        lines.append(
+            f"| {t['setting']} | {t['K']:,} | {t['metric']} | {_f(q['psnr'])} | {_f(q['ssim'])} | "
+            f"{_f(q['usage'])} | {_f(q['perplexity'], 4)} | {int(h['duplicate_codes'])} | {int(h['dead_codes'])} | "
+            f"{_f(t['tau'])} | {_f(t['target_entropy'])} | {_f(t['matched_smoothing'])} | "
+            f"{t['train_seconds']:.0f} |"
+        )
+    lines += ["", "## Figures", ""]
+    lines += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in figures]
+    lines += [
+        "",
+        f"Every number is in `results.json` (per run: every evaluation; per group: the analysis). Study wall "
+        f"time: {results['study_seconds'] / 60:.1f} min (runs reused from an earlier invocation count as zero).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _floor_row(name: str, m: dict | None) -> str:
+    if not m:
+        return f"| {name} | n/a | | | |"
+    return (
+        f"| {name} | {_f(m['fid'])} [{_f(m['fid_lo'])}, {_f(m['fid_hi'])}] | {_f(m['precision'])} | "
+        f"{_f(m['recall'])} | {_f(m.get('class_acc'))} |"
+    )
+
+
+def _convergence_section(groups: list[dict]) -> list[str]:
+    lines = [
+        "",
+        "## Convergence: first step at which each arm reaches CE's FID",
+        "",
+        "Per seed s: the target is CE(s)'s best FID over its run (or its final FID); the cell gives the arm's "
+        "first-reach steps (interpolated between evaluations) over the seeds, '-' where it never reached the "
+        "target, and CE's own first-reach steps of the same targets for comparison.",
+        "",
+        "| setting | K | family | arm | reaches CE's best FID at | reaches CE's final FID at |",
+        "|---|---|---|---|---|---|",
+    ]
+    for grp in groups:
+        conv = grp.get("convergence")
+        if not conv:
+            continue
+        for arm in conv["ce_best"]:
+            cells = [_steps(conv[t][arm]) for t in ("ce_best", "ce_final")]
+            lines.append(
+                f"| {grp['setting']} | {grp['K']:,} | {grp['family']} | {arm_label(arm)} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return lines
+
+
+def _steps(per_seed: dict) -> str:
+    values = [per_seed[s] for s in sorted(per_seed)]
+    return ", ".join("-" if v is None else f"{v:.0f}" for v in values)
+
+
+def _tau_section(groups: list[dict]) -> list[str]:
+    swept = [g for g in groups if "tau_selection" in g]
+    if not swept:
+        return []
+    lines = [
+        "",
+        "## Tau sweep (reported apart from the headline)",
+        "",
+        "The tau is selected by the val split's FID (other sampling seeds, another split); the selected arm's "
+        "test-split comparison with CE is then read off the verdict table, not re-chosen by it.",
+        "",
+        "| setting | K | family | val FID per tau | selected | selected vs CE, final FID |",
+        "|---|---|---|---|---|---|",
+    ]
+    for g in swept:
+        sel = g["tau_selection"]
+        cands = ", ".join(f"{arm_tau_scale(a):g}x: {_f(v)}" for a, v in sel["candidates"].items())
+        c = g["vs_ce"].get(sel["selected"], {}).get("final_fid")
+        word = f"{_diff(c)} {c['verdict']}" if c else "n/a"
+        lines.append(
+            f"| {g['setting']} | {g['K']:,} | {g['family']} | {cands} | {sel['tau_scale']:g}x | {word} |"
+        )
+    return lines
 
 
 # ------------------------------------------------------------------------------------------ figures
 
 
-def plot_metrics(runs: list[dict], out: Path) -> list[Path]:
-    """One PNG per metric: a panel per (family, K) with CE and every SNCE tau on the same axes."""
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    Ks = sorted({r["K"] for r in runs})
-    families = sorted({r["family"] for r in runs})
-    paths = []
-    for key, label in PLOTTED.items():
-        if not any(key in e for r in runs for e in r["evals"]):
-            continue
-        fig, axes = plt.subplots(
-            len(families), len(Ks), figsize=(4 * len(Ks), 3.2 * len(families)), squeeze=False
-        )
-        for i, family in enumerate(families):
-            for j, K in enumerate(Ks):
-                ax = axes[i][j]
-                group = sorted(
-                    (r for r in runs if r["K"] == K and r["family"] == family),
-                    key=lambda r: (r["kind"] != "ce", r["tau_scale"] or 0),
+    return plt
+
+
+def plot_curves(
+    results: dict, out: Path, key: str = "fid", label: str = "FID vs test split"
+) -> Path:
+    """A panel per (setting, family, K): each arm's mean curve over seeds with its t-interval band, and the
+    floors (real training images; the tokenizer's reconstructions) as dashed lines."""
+    plt = _plt()
+    runs, confidence = results["runs"], results["config"]["eval"]["confidence"]
+    panels = sorted({(r["setting"], r["family"], r["K"]) for r in runs})
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    floors = {(t["setting"], t["K"]): t["reconstruction_floor"] for t in results["tokenizers"]}
+    colours = plt.get_cmap("tab10")
+    for ax, (setting, family, K) in zip(axes.flat, panels, strict=False):
+        group = [r for r in runs if (r["setting"], r["family"], r["K"]) == (setting, family, K)]
+        for i, arm in enumerate(sorted({r["arm"] for r in group}, key=arm_sort_key)):
+            curves = [_curve(r, key) for r in group if r["arm"] == arm]
+            steps = curves[0][0]
+            if any(c[0] != steps for c in curves):
+                continue
+            values = np.array([c[1] for c in curves])  # (seeds, evals)
+            mean = values.mean(0)
+            style = dict(color="black", lw=2.2) if arm == "ce" else dict(color=colours(i), lw=1.5)
+            ax.plot(steps, mean, marker="o", ms=2.5, label=arm_label(arm), **style)
+            if len(values) > 1:
+                bands = [t_interval(values[:, j], confidence) for j in range(values.shape[1])]
+                ax.fill_between(
+                    steps,
+                    [b.lo for b in bands],
+                    [b.hi for b in bands],
+                    alpha=0.15,
+                    color=style["color"],
                 )
-                for r in group:
-                    steps = [e["step"] for e in r["evals"] if key in e]
-                    values = [e[key] for e in r["evals"] if key in e]
-                    style = dict(color="black", lw=2.2) if r["kind"] == "ce" else dict(lw=1.5)
-                    name = (
-                        "CE"
-                        if r["kind"] == "ce"
-                        else f"SNCE tau={r['tau_scale']:g}x ({r['tau']:.3g})"
+        if key == "fid":
+            real = results["floors"].get("train_vs_test", {}).get("fid")
+            if real is not None:
+                ax.axhline(real, ls="--", lw=1, color="grey", label="real images")
+            recon = floors.get((setting, K), {}).get("fid")
+            if recon is not None:
+                ax.axhline(recon, ls=":", lw=1, color="grey", label="reconstructions")
+        ax.set_title(f"{setting}, K={K:,}, {family.replace('_', ' ')}", fontsize=10)
+        ax.set_xlabel("generator step")
+        ax.set_ylabel(label, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(f"mean over seeds with {confidence:.0%} t-interval bands", fontsize=10)
+    fig.tight_layout()
+    path = _save_figure(fig, out / "plots" / f"{key}_vs_step.png")
+    plt.close(fig)
+    return path
+
+
+def plot_differences(results: dict, out: Path) -> Path:
+    """Forest plot: each arm's paired final-FID difference to CE (and the controls), with its interval."""
+    plt = _plt()
+    rows = []
+    for g in results["analysis"]:
+        for arm, c in g.get("vs_ce", {}).items():
+            if "final_fid" in c:
+                rows.append((f"{_where(g)}: {arm_label(arm)} - CE", c["final_fid"]))
+        for c in g["contrasts"]:
+            if "final_fid" in c:
+                rows.append(
+                    (
+                        f"{_where(g)}: {arm_label(c['arm'])} - {arm_label(c['baseline'])}",
+                        c["final_fid"],
                     )
-                    ax.plot(steps, values, marker="o", ms=3, label=name, **style)
-                ax.set_title(f"{family}, K={K}", fontsize=10)
-                ax.set_xlabel("generator step")
-                ax.grid(alpha=0.3)
-                if j == 0:
-                    ax.set_ylabel(label, fontsize=9)
-                ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(_save_figure(fig, out / "plots" / f"{key}_vs_step.png"))
-        plt.close(fig)
-    return paths
+                )
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.2))
+    for i, (_, d) in enumerate(reversed(rows)):
+        colour = {"win": "tab:green", "loss": "tab:red"}.get(d["verdict"], "tab:grey")
+        if d["n"] >= 2:
+            ax.plot([d["lo"], d["hi"]], [i, i], color=colour, lw=2)
+        ax.plot([d["mean"]], [i], "o", color=colour, ms=4)
+    ax.axvline(0, color="black", lw=1)
+    ax.set_yticks(range(len(rows)), [name for name, _ in reversed(rows)], fontsize=7)
+    ax.set_xlabel("paired difference in final FID (negative: the first arm is better)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = _save_figure(fig, out / "plots" / "paired_differences.png")
+    plt.close(fig)
+    return path
 
 
-def sample_grids(runs: list[dict], out: Path, real: torch.Tensor) -> list[Path]:
-    """Per (K, family): real images, then each run's final samples (same classes, same seed) side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def sample_grids(results: dict, out: Path, real: torch.Tensor) -> list[Path]:
+    """Per (setting, K, family): real test images, then the final samples of seed 0 of each arm."""
+    plt = _plt()
+    runs = results["runs"]
+    first_seed = min(results["config"]["seeds"])
     real_grid = image_grid(real, nrow=10)
     paths = []
-    for K, family in sorted({(r["K"], r["family"]) for r in runs}):
+    for setting, K, family in sorted({(r["setting"], r["K"], r["family"]) for r in runs}):
         group = sorted(
-            (r for r in runs if r["K"] == K and r["family"] == family),
-            key=lambda r: (r["kind"] != "ce", r["tau_scale"] or 0),
-        )
-        panels = [("real images", real_grid)]
+            (r for r in runs if (r["setting"], r["K"], r["family"]) == (setting, K, family)
+             and r["seed"] == first_seed),
+            key=lambda r: arm_sort_key(r["arm"]),
+        )  # fmt: skip
+        panels = [("real test images", real_grid)]
         for r in group:
-            path = out / "runs" / f"k{K}" / family / r["loss"] / "samples.png"
+            path = (
+                out
+                / "runs"
+                / f"{setting}-k{K}"
+                / family
+                / r["arm"]
+                / f"seed{first_seed}"
+                / "samples.png"
+            )
             if path.is_file():
-                name = "CE" if r["kind"] == "ce" else f"SNCE tau={r['tau_scale']:g}x"
-                fid = r["evals"][-1]["fid"]
-                panels.append(
-                    (
-                        f"{name}\nFID {fid:.3g} @ step {r['evals'][-1]['step']}",
-                        np.asarray(Image.open(path)),
-                    )
-                )
+                last = r["evals"][-1]
+                title = f"{arm_label(r['arm'])}\nFID {last['fid']:.3g} @ step {last['step']}"
+                panels.append((title, np.asarray(Image.open(path))))
         h, w = real_grid.shape[:2]
         fig, axes = plt.subplots(
-            1, len(panels), figsize=(3.2 * len(panels), 3.2 * h / w + 1.0), squeeze=False
+            1, len(panels), figsize=(3.0 * len(panels), 3.0 * h / w + 1.0), squeeze=False
         )
         for ax, (title, img) in zip(axes[0], panels, strict=True):
-            ax.imshow(img, interpolation="nearest")
-            ax.set_title(title, fontsize=9)
+            ax.imshow(img, interpolation="nearest", cmap="gray")
+            ax.set_title(title, fontsize=8)
             ax.axis("off")
         fig.suptitle(
-            f"{family}, K={K}: final samples (classes 0, 1, 2, ... along each row)", fontsize=10
+            f"{setting}, K={K:,}, {family}: final samples of seed {first_seed} (classes 0, 1, ... along rows)",
+            fontsize=10,
         )
         fig.tight_layout()
-        paths.append(_save_figure(fig, out / "plots" / f"samples_k{K}_{family}.png"))
+        paths.append(_save_figure(fig, out / "plots" / f"samples_{setting}_k{K}_{family}.png"))
         plt.close(fig)
     return paths
 
@@ -169,131 +573,14 @@ def _save_figure(fig, path: Path) -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------------------ report
-
-
-def _f(x, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
-
-
-def _where(heads: list[dict]) -> str:
-    return ", ".join(f"{h['family']} K={h['K']}" for h in heads)
-
-
-def verdict(heads: list[dict]) -> str:
-    """One plain paragraph: where SNCE beat CE (final FID) and where it did not."""
-    if not heads:
-        return "No (CE, SNCE) pair finished, so there is no comparison yet."
-    wins = [h for h in heads if h["snce_wins"]]
-    losses = [h for h in heads if not h["snce_wins"]]
-    text = (
-        f"SNCE (best tau) reached a lower final FID than CE in {len(wins)} of {len(heads)} settings"
-    )
-    text += f" ({_where(wins)})." if wins else "."
-    if losses:
-        text += f" It did not in: {_where(losses)}."
-    faster = [
-        h for h in heads if h["fraction_of_ce_steps"] is not None and h["fraction_of_ce_steps"] < 1
-    ]
-    if faster:
-        text += (
-            " SNCE first matched CE's final FID after "
-            + ", ".join(
-                f"{h['fraction_of_ce_steps']:.0%} of CE's steps ({h['family']} K={h['K']})"
-                for h in faster
-            )
-            + "."
-        )
-    return text
-
-
-def render_report(results: dict, figures: list[Path], out: Path) -> str:
-    cfg, heads = results["config"], results["headlines"]
-    feats = results["features"]
-    if feats.get("features") == "inception":
-        space = f"Inception-v3 features from `{feats['weights']}`"
-    else:
-        space = (
-            f"features of the built-in domain classifier ({feats.get('task')}; held-out accuracy "
-            f"{_f(feats.get('heldout_accuracy'))}). These FIDs compare runs with each other; they are not "
-            "comparable to published Inception FIDs"
-        )
-    g = cfg["generator"]
-    lines = [
-        "# CE vs SNCE study",
-        "",
-        f"Data: `{cfg['data']['path'] or cfg['data']['name']}` at {cfg['data']['size']} px "
-        f"({results['real_images']} training images). Codebook sizes: {', '.join(map(str, cfg['codebook_sizes']))}. "
-        f"Generators: {', '.join(g['families'])} (preset `{g['preset']}` {g['model'] or ''}), "
-        f"{g['train']['steps']} steps at batch {g['train']['batch_size']}, seed {cfg['seed']}, the same for every "
-        f"loss. SNCE at the suggested tau times {', '.join(f'{s:g}' for s in cfg['loss']['tau_scales'])} "
-        f"(targets: {cfg['loss']['targets']}). Metrics every {cfg['eval']['every']} steps on "
-        f"{cfg['eval']['num_samples']} samples, in {space}.",
-        "",
-        "## Headline",
-        "",
-        verdict(heads),
-        "",
-        "| K | family | CE final FID | best SNCE final FID | best tau | SNCE steps to CE's final FID |",
-        "|---|---|---|---|---|---|",
-    ]
-    for h in heads:
-        frac = h["fraction_of_ce_steps"]
-        reach = (
-            "not reached"
-            if frac is None
-            else f"{frac:.0%} ({h['steps_to_ce_fid']:.0f} of {h['ce_steps']})"
-        )
-        lines.append(
-            f"| {h['K']} | {h['family']} | {_f(h['ce_fid'])} | {_f(h['best_snce_fid'])} | "
-            f"{h['best_tau_scale']:g}x ({_f(h['best_tau'])}) | {reach} |"
-        )
-    lines += [
-        "",
-        "## Every run (final checkpoint)",
-        "",
-        "| K | family | loss | tau | FID | KID | IS | precision | recall | class acc | NLL | soft NLL | code usage | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in sorted(
-        results["runs"], key=lambda r: (r["K"], r["family"], r["kind"] != "ce", r["tau_scale"] or 0)
-    ):
-        e = r["evals"][-1]
-        lines.append(
-            f"| {r['K']} | {r['family']} | {r['loss']} | {_f(r['tau'])} | {_f(e['fid'])} | {_f(e['kid'])} | "
-            f"{_f(e['is'])} | {_f(e['precision'])} | {_f(e['recall'])} | {_f(e.get('class_acc'))} | "
-            f"{_f(e['nll'])} | {_f(e['soft_nll'])} | {_f(e['code_usage'])} | {r['train_seconds']:.0f} |"
-        )
-    lines += [
-        "",
-        "## Tokenizers (test split)",
-        "",
-        "| K | PSNR dB | SSIM | codebook usage | perplexity | suggested tau | train s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for K, t in results["tokenizers"].items():
-        lines.append(
-            f"| {K} | {_f(t['psnr'])} | {_f(t['ssim'])} | {_f(t['usage'])} | {_f(t['perplexity'])} | "
-            f"{_f(t['suggested_tau'])} | {t['train_seconds']:.0f} |"
-        )
-    lines += ["", "## Figures", ""]
-    lines += [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in figures]
-    lines += [
-        "",
-        f"Every number is in `results.json`. Study wall time: {results['study_seconds'] / 60:.1f} min "
-        "(reused runs count as zero). One seed: differences of a few FID points are within run-to-run noise.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def write_report(results: dict, out: Path, real: torch.Tensor) -> None:
-    """Add the headlines to ``results`` and write results.json, the figures and report.md (atomically)."""
+    """Add the analysis to ``results`` and write results.json, the figures and report.md (atomically)."""
     from snce.config import atomic_write_text
 
-    results["headlines"] = headlines(results["runs"])
+    results["analysis"] = analyse(results["runs"], results["config"]["eval"]["confidence"])
     write_json(out / "results.json", results)
-    figures = plot_metrics(results["runs"], out) + sample_grids(results["runs"], out, real)
+    figures = [plot_curves(results, out), plot_differences(results, out)]
+    if any("class_acc" in e for r in results["runs"] for e in r["evals"]):
+        figures.append(plot_curves(results, out, "class_acc", "class consistency"))
+    figures += sample_grids(results, out, real)
     atomic_write_text(out / "report.md", render_report(results, figures, out))

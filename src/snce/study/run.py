@@ -1,25 +1,34 @@
-"""Run a CE-vs-SNCE study: tokenizers at several codebook sizes, then CE and SNCE generators, evaluated over steps.
+"""Run a CE-vs-SNCE study: tokenizers per (setting, K), then generators per (family, arm, seed), evaluated over
+steps against a held-out split (protocol: :mod:`snce.study.config`; statistics: :mod:`snce.study.stats`).
 
 Directory layout under ``cfg.out_dir``::
 
-    config.json                       the study configuration of the latest invocation
-    cache/                            the domain classifier (feature network), keyed by dataset and seed
-    tokenizers/k{K}/                  tokenizer run (tokenizer/, checkpoints/, metrics.json)
-    tokens/k{K}/{train,test}/         token shards
-    runs/k{K}/{family}/{loss}/        generator run: checkpoints/, evals.json (grows), samples.png,
-                                      result.json (written once the run is finished)
-    results.json, report.md, plots/   the study's numbers, its report and figures
+    config.json                                   the study configuration of the latest invocation
+    cache/                                        the domain classifier (feature network)
+    floors.json                                   FID of real training images vs the held-out split
+    tokenizers/{setting}-k{K}/                    tokenizer run (tokenizer/, checkpoints/) and study.json: its
+                                                  quality, code health, suggested taus, SNCE target entropy,
+                                                  matched smoothing and reconstruction floor
+    tokens/{setting}-k{K}/{train,test}/           token shards
+    runs/{setting}-k{K}/{family}/{arm}/seed{s}/   generator run: checkpoints/, evals.json (grows), samples.png,
+                                                  generator/, result.json (written once the run is finished)
+    results.json, report.md, plots/               the study's numbers, its report and figures
 
-Everything resumes: a finished tokenizer, shard set or generator run (``result.json``) is reused as long as
-its settings are unchanged (otherwise the study stops and says which directory differs); an unfinished run
-continues from its newest checkpoint with the evaluations it already made. Every file is written atomically.
+Runs are independent once their tokenizer exists, so ``workers`` processes (one thread each) train them at
+once. Everything resumes: a finished tokenizer or run is reused while its settings are unchanged (otherwise the
+study stops and names the directory that differs); an unfinished run continues from its newest checkpoint
+with the evaluations it already made. Every file is written atomically.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -29,8 +38,10 @@ from snce.config import atomic_write_text
 from snce.data import TokenShards, build_dataset
 from snce.functional import suggest_tau
 from snce.generators.objectives import GeneratorObjective, LossConfig, TokenLoss
+from snce.losses import smoothing_for_entropy, target_entropy
 from snce.metrics import ImageEvaluator, code_statistics, feature_network, validation_nll
-from snce.study.config import StudyConfig
+from snce.quantize import codebook_health
+from snce.study.config import StudyConfig, StudySetting, arm_tau_scale
 from snce.tokenizer import (
     Tokenizer,
     TokenizerRunConfig,
@@ -41,6 +52,8 @@ from snce.tokenizer import (
 from snce.train import Callback, Trainer, latest_checkpoint, save_image_grid
 from snce.train.distributed import barrier, init_distributed
 from snce.train.generator import RUN_FILE, GeneratorRunConfig, build_model, sample_images
+
+TEST_SAMPLING, VAL_SAMPLING = 1_000_000, 2_000_000  # sampling seeds: offset + the run's seed
 
 
 def write_json(path: Path, data) -> None:
@@ -71,132 +84,275 @@ def check_spec(directory: Path, spec: dict) -> None:
         write_json(path, spec)
 
 
-def _stack(dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """An image dataset in memory (``limit`` evenly spaced items, or all): (images (N, C, H, W), labels (N,))."""
-    n = len(dataset)
+def evenly_spaced(dataset, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` evenly spaced items of an image dataset (all when n is None or too large) -> (images, labels)."""
+    total = len(dataset)
     index = (
-        range(n)
-        if limit is None or limit >= n
-        else torch.linspace(0, n - 1, limit).round().long().tolist()
+        range(total)
+        if n is None or n >= total
+        else torch.linspace(0, total - 1, n).round().long().tolist()
     )
     images, labels = zip(*(dataset[i] for i in index), strict=True)
     return torch.stack(images), torch.as_tensor(labels)
 
 
+# ------------------------------------------------------------------------------------------ measuring
+
+
+@dataclass
+class Evaluators:
+    """The feature network and the two reference splits every sample set is measured against."""
+
+    test: ImageEvaluator  # held-out split: every reported number
+    val: ImageEvaluator  # val split: tau selection only
+    info: dict  # the feature network, for the report
+
+
+def per_process(build: Callable) -> Callable:
+    """Cache ``build(cfg, *args)`` for the life of this process, keyed by the study's settings and args."""
+    cache = {}
+
+    @functools.wraps(build)
+    def cached(cfg: StudyConfig, *args, **kwargs):
+        key = (json.dumps(cfg.to_dict(), sort_keys=True), args)
+        if key not in cache:
+            cache[key] = build(cfg, *args, **kwargs)
+        return cache[key]
+
+    return cached
+
+
+@per_process
+def evaluators(cfg: StudyConfig, progress: bool = False) -> Evaluators:
+    """Built once per process: the feature network (trained on training images, cached on disk) and its
+    features of the test and val splits."""
+    e = cfg.eval
+    device = init_distributed(cfg.device).device
+    train_images, train_labels = evenly_spaced(
+        build_dataset(cfg.data, split="train"), e.feature_images
+    )
+    net, info = feature_network(
+        train_images, train_labels, dataset=f"{cfg.data.kind}{cfg.data.size}px",
+        cache_dir=Path(cfg.out_dir) / "cache", inception_weights=e.inception_weights, seed=cfg.seed,
+        progress=progress, steps=e.domain_steps, width=e.domain_width,
+    )  # fmt: skip
+    net = net.to(device)
+    make = functools.partial(
+        ImageEvaluator, net, class_logits=info["class_logits"], bootstrap=e.bootstrap, seed=cfg.seed
+    )
+    test = make(evenly_spaced(build_dataset(cfg.data, split="test"))[0])
+    val = make(evenly_spaced(build_dataset(cfg.data, split="val"))[0])
+    return Evaluators(test, val, info)
+
+
+def data_floors(cfg: StudyConfig) -> dict:
+    """FID of ``num_samples`` real training images against the test split: the floor of a perfect generator
+    at this sample size. Also the classifier's accuracy on the real test images (class consistency ceiling)."""
+    ev = evaluators(cfg)
+    images, labels = evenly_spaced(build_dataset(cfg.data, split="train"), cfg.eval.num_samples)
+    floors = {"train_vs_test": ev.test(images, labels)}
+    test_images, test_labels = evenly_spaced(build_dataset(cfg.data, split="test"))
+    if ev.info["class_logits"]:
+        floors["test_class_acc"] = ev.test(test_images, test_labels)["class_acc"]
+    return floors
+
+
 # ------------------------------------------------------------------------------------------ tokenizers
 
 
-def prepare_tokenizer(cfg: StudyConfig, K: int, out: Path, is_main: bool) -> tuple[Tokenizer, dict]:
-    """Train (or reuse, or resume) the tokenizer of codebook size K; returns it with its test-split metrics."""
-    run_dir = out / "tokenizers" / f"k{K}"
+def tokenizer_dir(out: Path, setting: str, K: int) -> Path:
+    return out / "tokenizers" / f"{setting}-k{K}"
+
+
+def needs_latents(cfg: StudyConfig, setting: StudySetting) -> bool:
+    return "snce_latents" in cfg.arms(setting)
+
+
+def prepare_tokenizer(
+    cfg: StudyConfig, setting: StudySetting, K: int, is_main: bool = True
+) -> dict:
+    """Train (or reuse, or resume) the tokenizer of (setting, K), tokenize the train and test splits, and
+    measure what the study needs from it; returns (and stores in ``study.json``) those numbers."""
+    out = Path(cfg.out_dir)
+    run_dir = tokenizer_dir(out, setting.name, K)
     t = cfg.tokenizer
-    model = replace(t.model, quantizer={**t.model.quantizer, "codebook_size": K})
+    quantizer = {**setting.quantizer_config(t.model.quantizer), "codebook_size": K}
+    model = replace(t.model, quantizer=quantizer)
     train = replace(t.train, out_dir=str(run_dir), seed=cfg.seed, device=cfg.device)
     run_cfg = TokenizerRunConfig(data=cfg.data, model=model, loss=t.loss, train=train)
     if is_main:
         check_spec(run_dir, run_cfg.to_dict())
     barrier()
-    metrics_path = run_dir / "metrics.json"
-    if not (run_dir / "tokenizer" / "config.json").is_file() or not metrics_path.is_file():
-        start = time.perf_counter()
+    info_path = run_dir / "study.json"
+    if info_path.is_file() and (run_dir / "tokenizer" / "config.json").is_file():
+        return read_json(info_path)
+    start = time.perf_counter()
+    if not (run_dir / "tokenizer" / "config.json").is_file():
         train_tokenizer(run_cfg, resume=latest_checkpoint(run_dir) is not None)
-        seconds = time.perf_counter() - start
-        if is_main:
-            tok = Tokenizer.from_pretrained(run_dir / "tokenizer")
-            test = build_dataset(cfg.data, split="test")
-            metrics = evaluate_tokenizer(tok, test, device=cfg.device, progress=False)
-            write_json(metrics_path, {**metrics, "train_seconds": seconds})
-        barrier()
-    tok = Tokenizer.from_pretrained(run_dir / "tokenizer")
-    return tok, read_json(metrics_path)
+    seconds = time.perf_counter() - start
+    if is_main:
+        tok = Tokenizer.from_pretrained(run_dir / "tokenizer")
+        write_json(info_path, measure_tokenizer(cfg, setting, K, tok, seconds))
+    barrier()
+    return read_json(info_path)
 
 
-def prepare_tokens(
-    cfg: StudyConfig, tok: Tokenizer, K: int, out: Path, is_main: bool
-) -> dict[str, Path]:
-    """Token shards of the train and test splits (made once, reused while the tokenizer is the same)."""
-    dirs = {}
-    latents = cfg.loss.targets == "latents"
+def measure_tokenizer(
+    cfg: StudyConfig, setting: StudySetting, K: int, tok: Tokenizer, seconds
+) -> dict:
+    """Token shards, code health, suggested taus, SNCE target entropy and matched smoothing, and the
+    reconstruction floor (FID of reconstructed test images against the test split) of one tokenizer."""
+    out = Path(cfg.out_dir)
+    latents = needs_latents(cfg, setting)
+    shard_dirs = {}
     for split in ("train", "test"):
-        directory = out / "tokens" / f"k{K}" / split
-        if is_main:
-            reuse = (directory / "manifest.json").is_file()
-            if reuse:
-                existing = TokenShards(directory, load_latents=False).manifest
-                reuse = (
-                    existing.codebook_hash == tok.codebook_hash()
-                    and existing.has_latents == latents
-                )
-            if not reuse:
-                tokenize_dataset(
-                    tok, build_dataset(cfg.data, split=split), directory, data_config=cfg.data,
-                    latents=latents, device=cfg.device, overwrite=True, progress=False,
-                )  # fmt: skip
-        barrier()
-        dirs[split] = directory
-    return dirs
+        shard_dirs[split] = out / "tokens" / f"{setting.name}-k{K}" / split
+        tokenize_dataset(
+            tok, build_dataset(cfg.data, split=split), shard_dirs[split], data_config=cfg.data,
+            latents=latents, device=cfg.device, overwrite=True, progress=False,
+        )  # fmt: skip
+    train = TokenShards(shard_dirs["train"], load_latents=latents)
+    codebook, metric = tok.quantizer.codebook.detach().float(), tok.quantizer.metric
+    quality = evaluate_tokenizer(
+        tok, build_dataset(cfg.data, split="test"), device=cfg.device, progress=False
+    )
+    tau = suggest_tau(codebook, metric)
+    entropy = target_entropy(codebook, tau=tau, metric=metric, codes=train.indices.reshape(-1).long(),
+                             topk=cfg.loss.topk)  # fmt: skip
+    info = {
+        "setting": setting.name, "K": K, "metric": metric, "train_seconds": seconds,
+        "test": quality,  # PSNR, SSIM, usage and perplexity on the test split
+        "health": codebook_health(codebook, metric, train.indices),  # over the training tokens
+        "tau": tau, "target_entropy": entropy, "matched_smoothing": smoothing_for_entropy(entropy, K),
+        "train_tokens": int(train.indices.numel()),
+    }  # fmt: skip
+    if latents:
+        z = train.latents.reshape(-1, codebook.shape[1]).float()
+        info["tau_latents"] = suggest_tau(codebook, metric, latents=z)
+    images, labels = evenly_spaced(build_dataset(cfg.data, split="test"), cfg.eval.num_samples)
+    with torch.no_grad():
+        recon = tok.eval().decode(tok.encode(images).indices).clamp(-1, 1)
+    info["reconstruction_floor"] = evaluators(cfg).test(recon, labels)
+    return info
 
 
 # ------------------------------------------------------------------------------------------ generators
 
 
+@dataclass(frozen=True)
+class RunKey:
+    """One generator run of the grid."""
+
+    setting: str
+    K: int
+    family: str
+    arm: str
+    seed: int
+
+    def directory(self, out: Path) -> Path:
+        return (
+            out / "runs" / f"{self.setting}-k{self.K}" / self.family / self.arm / f"seed{self.seed}"
+        )
+
+
+def plan_runs(cfg: StudyConfig) -> list[RunKey]:
+    return [
+        RunKey(s.name, K, family, arm, seed)
+        for s in cfg.settings
+        for K in s.codebook_sizes
+        for family in s.families
+        for arm in cfg.arms(s)
+        for seed in cfg.seeds
+    ]
+
+
 @dataclass
 class Context:
-    """What every generator run of one codebook size shares."""
+    """What every generator run of one (setting, K) shares."""
 
     cfg: StudyConfig
-    K: int
     tokenizer_dir: Path
     tokenizer: Tokenizer
     shard_dirs: dict[str, Path]
     shards: dict[str, TokenShards]
-    evaluator: ImageEvaluator | None  # None on ranks other than 0
-    tau: float  # suggested tau of this tokenizer's codebook (soft NLL is always measured at it)
+    info: dict  # the tokenizer's study.json
     device: torch.device
 
     @property
     def num_classes(self) -> int:
         return self.shards["train"].manifest.num_classes
 
-    def eval_classes(self, n: int) -> torch.Tensor | None:
+    def classes(self, n: int) -> torch.Tensor | None:
+        """Balanced class labels 0, 1, ..., C-1, 0, 1, ... for n samples (None: unconditional)."""
         return torch.arange(n) % self.num_classes if self.num_classes else None
 
 
+@per_process
+def context(cfg: StudyConfig, setting: str, K: int) -> Context:
+    out = Path(cfg.out_dir)
+    device = init_distributed(cfg.device).device
+    tok_dir = tokenizer_dir(out, setting, K) / "tokenizer"
+    shard_dirs = {split: out / "tokens" / f"{setting}-k{K}" / split for split in ("train", "test")}
+    shards = {split: TokenShards(d) for split, d in shard_dirs.items()}
+    tok = Tokenizer.from_pretrained(tok_dir).to(device).eval()
+    info = read_json(tokenizer_dir(out, setting, K) / "study.json")
+    return Context(cfg, tok_dir, tok, shard_dirs, shards, info, device)
+
+
+def arm_loss(cfg: StudyConfig, arm: str, info: dict, seed: int) -> LossConfig:
+    """The token loss of ``arm`` (see :mod:`snce.study.config`), with every temperature and epsilon explicit."""
+    topk = cfg.loss.topk
+    if arm == "ce":
+        return LossConfig(kind="ce")
+    if arm == "ls":
+        return LossConfig(kind="label_smoothing", label_smoothing=cfg.loss.label_smoothing)
+    if arm == "ls_matched":
+        return LossConfig(kind="label_smoothing", label_smoothing=info["matched_smoothing"])
+    if arm == "snce_latents":
+        return LossConfig(kind="snce", tau=info["tau_latents"], targets="latents", topk=topk)
+    if arm == "snce_shuffled":
+        return LossConfig(
+            kind="snce", tau=info["tau"], topk=topk, shuffle_neighbors=True, shuffle_seed=seed
+        )
+    return LossConfig(kind="snce", tau=info["tau"] * arm_tau_scale(arm), topk=topk)
+
+
 @torch.no_grad()
-def generate_images(
-    ctx: Context, model, n: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """n samples with the study's fixed sampling seed -> (tokens (n, h, w), images (n, C, H, W), classes)."""
-    classes = ctx.eval_classes(n)
-    gen = torch.Generator(device=ctx.device).manual_seed(ctx.cfg.seed + 1)
+def sample_and_measure(ctx: Context, model, evaluator: ImageEvaluator, seed: int):
+    """``num_samples`` balanced-class samples drawn with ``seed`` -> (metrics, tokens, images)."""
+    n = ctx.cfg.eval.num_samples
+    classes = ctx.classes(n)
+    gen = torch.Generator(device=ctx.device).manual_seed(seed)
     tokens, images = sample_images(
         model,
         ctx.tokenizer,
         classes,
         ctx.cfg.eval.sample,
         num_samples=n,
-        batch_size=256,
+        batch_size=500,
         generator=gen,
     )
-    return tokens, images, classes
+    return evaluator(images, classes), tokens, images
 
 
-def evaluate(ctx: Context, model, step: int) -> tuple[dict, torch.Tensor]:
-    """All metrics of one checkpoint; returns (metrics, the first ``grid_samples`` images)."""
-    e = ctx.cfg.eval
+def evaluate(ctx: Context, model, step: int, seed: int, last: bool) -> tuple[dict, torch.Tensor]:
+    """Every metric of one checkpoint; returns (metrics, the first ``grid_samples`` images)."""
+    e, ev = ctx.cfg.eval, evaluators(ctx.cfg)
     start = time.perf_counter()
-    tokens, images, classes = generate_images(ctx, model, e.num_samples)
-    metrics = {"step": step, **ctx.evaluator(images, classes)}
-    metrics.update({f"code_{k}": v for k, v in code_statistics(tokens, ctx.K).items()})
+    metrics, tokens, images = sample_and_measure(ctx, model, ev.test, TEST_SAMPLING + seed)
+    metrics = {"step": step, **metrics}
+    metrics.update({f"code_{k}": v for k, v in code_statistics(tokens, ctx.info["K"]).items()})
     test = ctx.shards["test"]
     n = min(e.nll_samples, len(test))
     labels = test.labels[:n] if ctx.num_classes else None
     metrics.update(
         validation_nll(
             model, test.indices[:n].long(), labels, codebook=ctx.tokenizer.quantizer.codebook.detach(),
-            metric=ctx.tokenizer.quantizer.metric, tau=ctx.tau, seed=ctx.cfg.seed,
+            metric=ctx.tokenizer.quantizer.metric, tau=ctx.info["tau"], seed=seed,
         )
     )  # fmt: skip
+    if last:  # the val split, with other sampling noise: what a tau may be selected by
+        metrics["val_fid"] = sample_and_measure(ctx, model, ev.val, VAL_SAMPLING + seed)[0]["fid"]
     metrics["eval_seconds"] = time.perf_counter() - start
     return metrics, images[: e.grid_samples]
 
@@ -204,8 +360,8 @@ def evaluate(ctx: Context, model, step: int) -> tuple[dict, torch.Tensor]:
 class EvalCallback(Callback):
     """Evaluate every ``every`` steps and at the last step (rank 0); keep ``evals.json`` up to date."""
 
-    def __init__(self, ctx: Context, run_dir: Path, evals: list[dict]):
-        self.ctx, self.run_dir, self.evals = ctx, run_dir, evals
+    def __init__(self, ctx: Context, run_dir: Path, evals: list[dict], seed: int):
+        self.ctx, self.run_dir, self.evals, self.seed = ctx, run_dir, evals, seed
 
     def due(self, step: int, last: int) -> bool:
         return step == last or step % self.ctx.cfg.eval.every == 0
@@ -216,41 +372,29 @@ class EvalCallback(Callback):
         if any(e["step"] == step for e in self.evals):
             return
         with trainer.eval_weights() as model:
-            metrics, grid = evaluate(self.ctx, model, step)
+            metrics, grid = evaluate(self.ctx, model, step, self.seed, step == trainer.cfg.steps)
         self.evals.append(metrics)
         write_json(self.run_dir / "evals.json", self.evals)
         save_image_grid(grid, self.run_dir / "samples.png", nrow=10, scale=2)
 
 
-def loss_configs(cfg: StudyConfig) -> list[tuple[str, LossConfig]]:
-    """(run name, loss) pairs: CE, then SNCE at each tau scale."""
-    runs = [("ce", LossConfig(kind="ce"))]
-    for s in cfg.loss.tau_scales:
-        loss = LossConfig(
-            kind="snce", tau_scale=float(s), topk=cfg.loss.topk, targets=cfg.loss.targets
-        )
-        runs.append((f"snce_tau{s:g}x", loss))
-    return runs
-
-
-def run_generator(
-    ctx: Context, family: str, name: str, loss_cfg: LossConfig, out: Path, is_main: bool
-) -> dict:
+def run_generator(cfg: StudyConfig, key: RunKey, is_main: bool = True) -> dict:
     """Train one generator (or reuse/resume it) with evaluations along the way; returns its result dict.
 
     The run is a :class:`GeneratorRunConfig` like ``snce generator train``'s, trained through the same
-    objective and Trainer, plus the study's evaluation callback; ``runs/.../generator/`` works with
-    ``snce sample`` and ``snce eval``.
+    objective and Trainer, plus the study's evaluation callback; its ``generator/`` works with ``snce sample``
+    and ``snce eval``.
     """
-    cfg, K = ctx.cfg, ctx.K
-    run_dir = out / "runs" / f"k{K}" / family / name
+    ctx = context(cfg, key.setting, key.K)
+    run_dir = key.directory(Path(cfg.out_dir))
+    steps = cfg.generator.train.steps
     train = replace(
-        cfg.generator.train,
-        out_dir=str(run_dir), seed=cfg.seed, device=cfg.device,
-        ckpt_every=min(cfg.eval.every, cfg.generator.train.steps),
+        cfg.generator.train, out_dir=str(run_dir), seed=key.seed, device=cfg.device,
+        ckpt_every=min(cfg.eval.every, steps),
     )  # fmt: skip
+    loss_cfg = arm_loss(cfg, key.arm, ctx.info, key.seed)
     run_cfg = GeneratorRunConfig(
-        shards=str(ctx.shard_dirs["train"]), tokenizer=str(ctx.tokenizer_dir), family=family,
+        shards=str(ctx.shard_dirs["train"]), tokenizer=str(ctx.tokenizer_dir), family=key.family,
         preset=cfg.generator.preset, model=dict(cfg.generator.model), loss=loss_cfg, sample=cfg.eval.sample,
         train=train,
     )  # fmt: skip
@@ -267,32 +411,32 @@ def run_generator(
         return read_json(result_path)
 
     manifest = ctx.shards["train"].manifest
+    train_shards = TokenShards(ctx.shard_dirs["train"], load_latents=loss_cfg.targets == "latents")
     codebook = ctx.tokenizer.quantizer.codebook.detach().float()
     token_loss = TokenLoss(
         loss_cfg, codebook, ctx.tokenizer.quantizer.metric, has_latents=manifest.has_latents
     )
-    torch.manual_seed(cfg.seed)  # identical initial weights for every loss of a family
+    torch.manual_seed(key.seed)  # the same initial weights for every arm of a seed
     model = build_model(run_cfg, manifest)
     evals_path = run_dir / "evals.json"
     resume = latest_checkpoint(run_dir) is not None
     evals = read_json(evals_path) if resume and evals_path.is_file() else []
-    callback = EvalCallback(ctx, run_dir, evals)
+    callback = EvalCallback(ctx, run_dir, evals, key.seed)
     trainer = Trainer(
-        model, GeneratorObjective(token_loss), ctx.shards["train"], train, config={"study_run": spec},
+        model, GeneratorObjective(token_loss), train_shards, train, config={"study_run": spec},
         callbacks=[callback], resume=resume,
     )  # fmt: skip
     evals[:] = [e for e in evals if e["step"] <= trainer.step]
-    if resume and callback.due(trainer.step, train.steps):
-        callback.on_step(
-            trainer, trainer.step
-        )  # interrupted between a checkpoint and its evaluation
+    if resume and callback.due(
+        trainer.step, steps
+    ):  # interrupted between a checkpoint and its evaluation
+        callback.on_step(trainer, trainer.step)
     start = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - start  # this invocation's share when the run was resumed
     result = {
-        "K": K, "family": family, "loss": name, "kind": loss_cfg.kind,
-        "tau": token_loss.tau, "tau_scale": loss_cfg.tau_scale if loss_cfg.kind == "snce" else None,
-        "params": model.num_params(), "train_seconds": seconds,
+        "setting": key.setting, "K": key.K, "family": key.family, "arm": key.arm, "seed": key.seed,
+        "loss": token_loss.describe(), "params": model.num_params(), "train_seconds": seconds,
         "evals": sorted(evals, key=lambda e: e["step"]),
     }  # fmt: skip
     if is_main:
@@ -309,6 +453,44 @@ def run_generator(
     return result
 
 
+# ------------------------------------------------------------------------------------------ workers
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def run_all(fn: Callable, tasks: Sequence, workers: int, desc: str, progress: bool) -> list:
+    """``[fn(*task) for task in tasks]``, in ``workers`` processes (one thread each) when workers > 1.
+
+    Results come back in task order; the bar advances as tasks finish. A failing task stops the study with
+    its error once the tasks already running have finished (their results are on disk and are reused).
+    """
+    bar = tqdm(total=len(tasks), desc=desc, disable=not progress)
+    if workers <= 1 or len(tasks) <= 1:
+        results = []
+        for task in tasks:
+            results.append(fn(*task))
+            bar.update()
+        bar.close()
+        return results
+    results = [None] * len(tasks)
+    context_ = get_context("spawn")  # fresh interpreters: no forked thread pools or torch state
+    with ProcessPoolExecutor(workers, mp_context=context_, initializer=_one_thread) as pool:
+        futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
+        try:
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        finally:
+            bar.close()
+    return results
+
+
 # ------------------------------------------------------------------------------------------ the study
 
 
@@ -318,58 +500,35 @@ def run_study(cfg: StudyConfig, *, progress: bool = True) -> dict | None:
 
     dist = init_distributed(cfg.device)
     is_main = dist.is_main
+    workers = 1 if dist.distributed else cfg.workers
     out = Path(cfg.out_dir)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", cfg.to_dict())
     start = time.perf_counter()
 
-    real, labels = _stack(build_dataset(cfg.data, split="train"), cfg.eval.num_real)
-    evaluator, features = None, {}
-    if is_main:
-        dataset_key = f"{cfg.data.kind}{cfg.data.size}px"
-        net, features = feature_network(
-            real, labels, dataset=dataset_key, cache_dir=out / "cache", inception_weights=cfg.eval.inception_weights,
-            seed=cfg.seed, progress=progress, steps=cfg.eval.domain_steps, width=cfg.eval.domain_width,
-        )  # fmt: skip
-        evaluator = ImageEvaluator(
-            net.to(dist.device), real, class_logits=features["class_logits"], seed=cfg.seed
-        )
+    floors = {}
+    if is_main:  # trains the feature network (cached) before any worker needs it
+        ev = evaluators(cfg, progress=progress)
+        floors_path = out / "floors.json"
+        if not floors_path.is_file():
+            write_json(floors_path, data_floors(cfg))
+        floors = {**read_json(floors_path), "features": ev.info}
+    barrier()
 
-    runs, tokenizers = [], {}
-    plan = [
-        (K, f, n, l)
-        for K in cfg.codebook_sizes
-        for f in cfg.generator.families
-        for n, l in loss_configs(cfg)
-    ]
-    bar = tqdm(total=len(plan), desc="study runs", disable=not (progress and is_main))
-    for K in cfg.codebook_sizes:
-        bar.set_postfix_str(f"K={K} tokenizer")
-        tok, tok_metrics = prepare_tokenizer(cfg, K, out, is_main)
-        shard_dirs = prepare_tokens(cfg, tok, K, out, is_main)
-        shards = {split: TokenShards(d) for split, d in shard_dirs.items()}
-        tau = float(suggest_tau(tok.quantizer.codebook.detach().float(), tok.quantizer.metric))
-        tokenizers[K] = {**tok_metrics, "suggested_tau": tau, "metric": tok.quantizer.metric}
-        tok_dir = out / "tokenizers" / f"k{K}" / "tokenizer"
-        ctx = Context(
-            cfg, K, tok_dir, tok.to(dist.device), shard_dirs, shards, evaluator, tau, dist.device
-        )
-        for family in cfg.generator.families:
-            for name, loss_cfg in loss_configs(cfg):
-                bar.set_postfix_str(f"K={K} {family} {name}")
-                runs.append(run_generator(ctx, family, name, loss_cfg, out, is_main))
-                bar.update()
-    bar.close()
+    tok_tasks = [(cfg, s, K, is_main) for s in cfg.settings for K in s.codebook_sizes]
+    tokenizers = run_all(prepare_tokenizer, tok_tasks, workers, "tokenizers", progress and is_main)
+    run_tasks = [(cfg, key, is_main) for key in plan_runs(cfg)]
+    runs = run_all(run_generator, run_tasks, workers, "generator runs", progress and is_main)
     if not is_main:
         return None
+    test_images = evenly_spaced(build_dataset(cfg.data, split="test"), cfg.eval.grid_samples)[0]
     results = {
         "config": cfg.to_dict(),
-        "features": features,
-        "real_images": int(real.shape[0]),
-        "tokenizers": {str(k): v for k, v in tokenizers.items()},
+        "floors": floors,
+        "tokenizers": tokenizers,
         "runs": runs,
         "study_seconds": time.perf_counter() - start,
     }
-    write_report(results, out, real[: cfg.eval.grid_samples])
+    write_report(results, out, test_images)
     return results
