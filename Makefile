@@ -29,7 +29,7 @@ test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS) -m "not gpu"
 
 demo: install
-	$(VENV)/bin/snce study --config configs/study/digits.yaml
+	$(VENV)/bin/snce study --config configs/study/mnist.yaml
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

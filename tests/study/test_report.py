@@ -2,6 +2,7 @@
 made with other settings."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,39 @@ def test_results_made_with_other_settings_are_never_reused(tmp_path):
     check_spec(tmp_path, {"steps": 10, "lr": 1e-3})  # same settings: fine
     with pytest.raises(SettingsChanged, match="differences in: steps"):
         check_spec(tmp_path, {"steps": 20, "lr": 1e-3})
+
+
+STUDY_CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "study").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", STUDY_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("quick", [False, True])
+def test_shipped_study_configs_load_and_keep_the_protocol(path, quick):
+    overrides = ["data.path=."] if "folder" in path.stem else []
+    cfg = load_study_config(path, overrides, quick=quick)
+    assert cfg.generator.train.schedule == "constant"  # checkpoints do not depend on the budget
+    assert cfg.eval.every * 8 <= cfg.generator.train.steps or quick  # >= 8 evaluations per run
+    if not quick:
+        assert len(cfg.seeds) >= 3 and cfg.eval.num_samples >= 2000
+        for s in cfg.settings:
+            assert {"ce", "ls", "snce", "snce_shuffled"} <= set(cfg.arms(s))
+
+
+def test_demo_and_full_configs_meet_the_issue():
+    demo = load_study_config(STUDY_CONFIGS[0].parent / "mnist.yaml")
+    assert len(demo.seeds) >= 3 and len({K for s in demo.settings for K in s.codebook_sizes}) >= 2
+    full = load_study_config(STUDY_CONFIGS[0].parent / "mnist_full.yaml")
+    assert len(full.seeds) >= 5 and max(K for s in full.settings for K in s.codebook_sizes) == 16384
+    big = [s for s in full.settings if 16384 in s.codebook_sizes]
+    assert set(full.arms(big[0])) >= {
+        "ce",
+        "ls",
+        "ls_matched",
+        "snce",
+        "snce_shuffled",
+        "snce_latents",
+    }
+    assert {s.quantizer_config(full.tokenizer.model.quantizer)["kind"] for s in full.settings} >= {
+        "vq",
+        "ibq",
+    }

@@ -74,7 +74,8 @@ class StudyTokenizer(Config):
 class StudySetting(Config):
     """One tokenizer kind of the study and what is trained on its tokens.
 
-    name: a short label used in directory names and the report (e.g. "vq", "ibq").
+    name: a short label used in directory names and the report (e.g. "vq", "ibq"); settings may share a
+        name at different codebook sizes (e.g. to run the tau sweep at one K only).
     quantizer: with a ``kind``, the quantizer itself (e.g. {kind: ibq}); without, overrides of
         ``tokenizer.model.quantizer`` (e.g. {metric: cosine}). codebook_size comes from K.
     families: generator families trained on it. arms: the arms run here (empty: the study's ``loss.arms``).
@@ -229,9 +230,14 @@ class StudyConfig(Config):
             raise ConfigError("workers", f"must be >= 1, got {self.workers}")
         if not self.settings:
             raise ConfigError("settings", "needs at least one tokenizer setting")
-        names = [s.name for s in self.settings]
-        if len(set(names)) != len(names):
-            raise ConfigError("settings", f"setting names must be distinct, got {names}")
+        pairs = [(s.name, K) for s in self.settings for K in s.codebook_sizes]
+        repeated = sorted({p for p in pairs if pairs.count(p) > 1})
+        if repeated:
+            raise ConfigError(
+                "settings",
+                f"each (name, codebook size) names one tokenizer and may appear once, got {repeated} twice; "
+                "a setting may repeat a name with other codebook sizes (e.g. other arms at another K)",
+            )
 
     def arms(self, setting: StudySetting) -> tuple[str, ...]:
         """The arms run on ``setting``'s tokens."""
