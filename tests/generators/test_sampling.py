@@ -1,9 +1,13 @@
-"""Samplers: KV cache == recompute, CFG scale 1 == conditional, MaskGIT reveal schedule, filtering oracles."""
+"""Samplers: exact token draws (chi-square against softmax, rare mass at K = 262,144, log p, seeds, edge cases),
+filtering oracles, KV cache == recompute, CFG scale 1 == conditional, MaskGIT reveal schedule, logits memory."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy.stats import chi2
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from snce.generators import (
     ARConfig,
@@ -13,6 +17,7 @@ from snce.generators import (
     sample,
     sample_autoregressive,
     sample_masked,
+    sampling,
 )
 from snce.generators.sampling import filter_logits, guide, sample_logits
 
@@ -58,6 +63,145 @@ def test_sample_logits_follows_softmax():
     expected = torch.softmax(logits[0].double() / 2.0, 0)
     torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
     torch.testing.assert_close(logp, expected.log().float()[tokens])
+
+
+def _target(row: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0) -> torch.Tensor:
+    """float64 probabilities of the tempered, filtered distribution of one row (K,)."""
+    kept = torch.isfinite(filter_logits(row[None] / temperature, top_k, top_p))[0]
+    return torch.softmax((row.double() / temperature).masked_fill(~kept, -math.inf), 0)
+
+
+def _chi2_pvalue(tokens: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square p-value of draws against probs; cells expecting < 5 draws are pooled into one."""
+    n = tokens.numel()
+    observed = torch.bincount(tokens, minlength=probs.numel()).double()
+    expected = probs * n
+    small = expected < 5
+    obs = torch.cat([observed[~small], observed[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    stat = ((obs - exp) ** 2 / exp).sum().item()
+    return float(chi2.sf(stat, obs.numel() - 1))
+
+
+SETTINGS = [
+    dict(),
+    dict(temperature=0.5),
+    dict(temperature=2.0, top_k=5),
+    dict(top_p=0.8),
+    dict(temperature=0.7, top_k=40, top_p=0.9),
+]
+
+
+@pytest.mark.parametrize("K", [3, 64, 1000, 16384])  # 1000: not a multiple of the CDF segment
+@pytest.mark.parametrize("opts", SETTINGS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+def test_sample_logits_chi_square_against_softmax(K, opts):
+    """Draws follow softmax(filter_logits(x / T)): chi-square p > 1e-4, filtered tokens never drawn, log p =
+    log_softmax at the drawn token (1e-5), and the logits are left untouched."""
+    g = _gen(K)
+    row = torch.randn(K, generator=g) * 2.0
+    row[K // 2] = row.max() + 1.0  # the mode in the middle of the row, not at 0
+    n = 20000 if K <= 1000 else 3000
+    logits = row.expand(n, K)
+    before = logits.clone()
+    tokens, logp = sample_logits(logits, generator=g, **opts)
+    assert torch.equal(logits, before)
+    probs = _target(row, **opts)
+    assert tokens.dtype == torch.long and logp.dtype == torch.float32 and tokens.shape == (n,)
+    assert (probs[tokens] > 0).all()  # filtered tokens are never drawn
+    torch.testing.assert_close(logp, probs.log().float()[tokens], atol=1e-5, rtol=0)
+    assert _chi2_pvalue(tokens, probs) > 1e-4
+    if K > 1000:
+        # Most cells are pooled: also test the mass of 64 index ranges (2 CDF segments each).
+        ranges = torch.arange(K) // (K // 64)
+        grouped = torch.zeros(64, dtype=torch.float64).index_add_(0, ranges, probs)
+        assert _chi2_pvalue(ranges[tokens], grouped) > 1e-4
+
+
+def test_rare_mass_at_262144_codes():
+    """K = 262,144: four large logits first, then 262,140 codes of p ~ 1.1e-7 each (1.3 % of the mass together).
+
+    A float32 running sum in index order stops growing once it reaches the large mass (each tiny p is below
+    half an ulp of ~2.2), so a flat float32 CDF would never draw them; the two-level CDF draws them at their
+    rate: within 4 binomial standard errors over 4,000 seeded draws, and within one draw of their share of
+    2,000 evenly spaced uniforms (the inverse CDF evaluated at fixed quantiles).
+    """
+    K = 262144
+    row = torch.full((K,), -16.0)
+    row[:4] = torch.tensor([0.0, -0.5, -1.0, -1.5])
+    probs = torch.softmax(row.double(), 0)
+    rare = probs[4:].sum().item()
+    assert 0.01 < rare < 0.02
+    p32 = torch.exp(row - row.max()).numpy()
+    cdf32 = np.cumsum(p32, dtype=np.float32)  # sequential float32 accumulation (numpy)
+    assert (cdf32[-1] - cdf32[3]) / cdf32[-1] < 0.2 * rare  # the failure this test is for
+
+    n = 4000
+    tokens, logp = sample_logits(row.expand(n, K), generator=_gen(7))
+    count = (tokens >= 4).sum().item()
+    assert abs(count - n * rare) < 4 * math.sqrt(n * rare * (1 - rare)), (count, n * rare)
+    torch.testing.assert_close(logp, probs.log().float()[tokens], atol=1e-5, rtol=0)
+
+    m = 2000
+    u = (torch.arange(m, dtype=torch.float64) + 0.5) / m
+    tokens, logp = torch.empty(m, dtype=torch.long), torch.empty(m)
+    draw = sampling._Drawer(4, K, "cpu", temperature=1.0, top_k=0, top_p=1.0)
+    for s in range(0, m, 4):
+        draw(row.expand(4, K), u[s : s + 4], tokens[s : s + 4], logp[s : s + 4])
+    counts = torch.bincount(torch.where(tokens < 4, tokens, 4), minlength=5).double()
+    expected = torch.cat([probs[:4], probs[4:].sum()[None]]) * m
+    assert ((counts - expected).abs() <= 1.0).all(), (counts, expected)
+
+
+def test_sample_logits_seeded_and_independent_of_block_size(monkeypatch):
+    logits = torch.randn(3, 5, 700)
+    opts = dict(temperature=0.9, top_k=50, top_p=0.95)
+    tokens, logp = sample_logits(logits, generator=_gen(11), **opts)
+    assert tokens.shape == logp.shape == (3, 5)
+    again = sample_logits(logits, generator=_gen(11), **opts)
+    assert torch.equal(tokens, again[0]) and torch.equal(logp, again[1])
+    assert not torch.equal(tokens, sample_logits(logits, generator=_gen(12), **opts)[0])
+    monkeypatch.setattr(sampling, "_MIN_ROWS", 2)
+    monkeypatch.setattr(sampling, "_CPU_BLOCK", 700 * 2)  # 2 rows per block instead of all 15
+    small = sample_logits(logits, generator=_gen(11), **opts)
+    assert torch.equal(tokens, small[0]) and torch.equal(logp, small[1])
+
+
+def test_sample_logits_edge_cases():
+    tokens, logp = sample_logits(torch.zeros(4, 1), generator=_gen())  # one token
+    assert tokens.tolist() == [0] * 4 and logp.tolist() == [0.0] * 4
+    row = torch.full((5000,), -math.inf)
+    row[4321] = -3.0  # all -inf except one, float64 input
+    tokens, logp = sample_logits(row.double().expand(50, -1), temperature=0.3, generator=_gen())
+    assert (tokens == 4321).all() and (logp == 0).all()
+    ties = torch.full((40000, 6), 2.5)  # all equal: uniform
+    tokens, logp = sample_logits(ties, generator=_gen())
+    assert _chi2_pvalue(tokens, torch.full((6,), 1 / 6, dtype=torch.float64)) > 1e-4
+    torch.testing.assert_close(logp, torch.full_like(logp, -math.log(6)))
+    # Top-k keeps every logit tied with the k-th; top-p every logit tied with its least likely kept one.
+    row = torch.tensor([3.0, 1.0, 1.0, 1.0, 0.0, -2.0])
+    assert torch.isfinite(filter_logits(row, top_k=2)).tolist() == [True] * 4 + [False] * 2
+    probs = torch.softmax(row.double(), 0)
+    top_p = (probs[0] + 0.5 * probs[1]).item()  # the cut falls inside the tie
+    assert torch.isfinite(filter_logits(row, top_p=top_p)).tolist() == [True] * 4 + [False] * 2
+    tokens, _ = sample_logits(row.expand(20000, 6), top_k=2, generator=_gen())
+    assert set(tokens.tolist()) == {0, 1, 2, 3}
+    for bad in (-math.inf, math.inf, math.nan):
+        with pytest.raises(ValueError, match="at least one finite entry"):
+            sample_logits(torch.tensor([[0.0, 1.0], [bad, bad]]))
+
+
+def test_nucleus_of_flat_and_peaked_rows_matches_a_float64_sort():
+    """The top-p cut grows its top-k candidates (64, 512, ...) or sorts: the kept set equals a float64 sort's."""
+    g = _gen(3)
+    logits = torch.cat([torch.randn(6, 5000, generator=g) * s for s in (0.05, 1.0, 4.0)])
+    for top_p in (0.3, 0.9, 0.99):
+        got = torch.isfinite(filter_logits(logits, top_p=top_p))
+        sorted_logits, order = logits.double().sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        keep_sorted = probs.cumsum(-1) - probs < top_p
+        expected = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        assert torch.equal(got, expected), top_p
 
 
 def test_guide_formula():
@@ -166,3 +310,38 @@ def test_sampler_errors():
     md = _model(MaskedDiffusionTransformer, MaskedDiffusionConfig)
     with pytest.raises(ValueError, match="steps"):
         sample(md, torch.tensor([0]), steps=17)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if torch.is_tensor(t):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("family", ["autoregressive", "masked_diffusion"])
+def test_samplers_never_hold_token_by_codebook_logits(family, monkeypatch):
+    """K = 65,536, 16 images with CFG, head blocks of 2^18 logits: the largest tensor any op returns is the head
+    weight (K x 8), not the 16 x K (AR step) or 256 x K (first masked step) logits of one branch."""
+    K, B = 65536, 16
+    monkeypatch.setattr(sampling, "_MIN_ROWS", 4)  # blocks of 2^18 logits: 4 rows of K
+    cls_, cfg_cls = (
+        (AutoregressiveTransformer, ARConfig)
+        if family == "autoregressive"
+        else (MaskedDiffusionTransformer, MaskedDiffusionConfig)
+    )
+    model = cls_(cfg_cls(**{**SMALL, "vocab_size": K, "dim": 8, "n_layers": 1}))
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    with _LargestTensor() as probe:
+        out = sample(model, torch.arange(B) % 3, cfg_scale=2.0, generator=_gen())
+    assert out.shape == (B, 4, 4) and out.max() < K
+    # The head weight (K x 8) and the two branches' logits buffers (2 x 4 x K).
+    assert probe.numel == K * 8, probe.numel
