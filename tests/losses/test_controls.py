@@ -23,6 +23,7 @@ from snce.functional import (
 )
 from snce.losses import NeighborShuffle, NeighborTable, chunked, kernels
 from snce.losses.reference import (
+    assert_close,
     dense_targets,
     fused_linear_snce_loss_reference,
     snce_loss_reference,
@@ -31,18 +32,6 @@ from snce.losses.reference import (
 N, D, H = 37, 5, 7  # N is not a multiple of the block sizes used below
 METRICS = ["l2", "cosine", "dot"]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-
-
-def assert_close(actual, expected, rel, what=""):
-    actual, expected = actual.double(), expected.double()
-    err = (actual - expected).abs()
-    bound = rel * expected.abs().max().clamp_min(1e-30)
-    if not bool((err <= bound).all()):
-        worst = int(err.argmax())
-        raise AssertionError(
-            f"{what}: {(err > bound).sum().item()} of {err.numel()} entries off; worst at flat index {worst}: "
-            f"{actual.flatten()[worst].item()!r} vs {expected.flatten()[worst].item()!r} (rel tol {rel})"
-        )
 
 
 def make_case(dtype, k, with_latents, seed=0):

@@ -17,6 +17,7 @@ from snce.functional import (
     suggest_tau,
 )
 from snce.losses.reference import (
+    assert_close,
     cross_entropy_reference,
     dense_distance,
     fused_linear_snce_loss_reference,
@@ -26,18 +27,6 @@ from snce.losses.reference import (
 N, K, D, H = 37, 53, 5, 7  # K and N not multiples of the block sizes used below
 METRICS = ["l2", "cosine", "dot"]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-
-
-def assert_close(actual, expected, rel, what=""):
-    actual, expected = actual.double(), expected.double()
-    err = (actual - expected).abs()
-    bound = rel * expected.abs().max().clamp_min(1e-30)
-    if not bool((err <= bound).all()):
-        worst = int(err.argmax())
-        raise AssertionError(
-            f"{what}: {(err > bound).sum().item()} of {err.numel()} entries off; worst at flat index {worst}: "
-            f"{actual.flatten()[worst].item()!r} vs {expected.flatten()[worst].item()!r} (rel tol {rel})"
-        )
 
 
 def make_case(dtype, with_latents, ignore=True, seed=0):

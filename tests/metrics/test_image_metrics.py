@@ -202,3 +202,5 @@ def test_image_evaluator_reports_a_fid_interval_and_reuses_real_radii():
     assert out["fid"] == pytest.approx(frechet_distance(*features), rel=1e-6)
     assert out["fid_lo"] <= out["fid"] <= out["fid_hi"]
     assert (out["precision"], out["recall"]) == precision_recall(*features)
+    cheap = ImageEvaluator(net, real, bootstrap=50)(fake, full=False)
+    assert cheap == {"fid": pytest.approx(out["fid"])}

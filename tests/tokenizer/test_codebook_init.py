@@ -7,10 +7,6 @@ codebook; under torchrun every rank starts from rank 0's codebook, so the run fo
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -159,16 +155,11 @@ def run_args(out_dir) -> list[str]:
     ]
 
 
-def test_torchrun_ranks_start_from_the_same_codebook(tmp_path):
+def test_torchrun_ranks_start_from_the_same_codebook(tmp_path, torchrun):
     """The codebook is a parameter (codebook loss) initialised from the data on rank 0: the two-rank run follows
     the single process. (DDP's constructor also copies rank 0's state, so this alone does not show the
     broadcast; test_broadcast_state_gives_every_rank_rank_0s_quantizer does.)"""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(
-        [*cmd, "-m", "snce.cli", *run_args(tmp_path / "ddp")],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(run_args(tmp_path / "ddp"))
     assert main(run_args(tmp_path / "single")) == 0
     ddp = load_file(str(latest_checkpoint(tmp_path / "ddp") / "model.safetensors"))
     single = load_file(str(latest_checkpoint(tmp_path / "single") / "model.safetensors"))

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import torch
 from safetensors.torch import load_file
 
@@ -30,13 +26,8 @@ def run_args(out_dir) -> list[str]:
     return ["tokenizer", "train", *sets]
 
 
-def test_torchrun_matches_one_process(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(
-        [*cmd, "-m", "snce.cli", *run_args(tmp_path / "ddp")],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_torchrun_matches_one_process(tmp_path, torchrun):
+    torchrun(run_args(tmp_path / "ddp"))
     assert main(run_args(tmp_path / "single")) == 0
     cfg = load_config(TokenizerRunConfig, None, SETTINGS)
     torch.manual_seed(cfg.train.seed)

@@ -102,3 +102,17 @@ def _reduce(loss, target, weight, ignore_index, reduction):
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / valid.sum().clamp_min(1)  # an all-ignored batch gives 0, not NaN
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str = "") -> None:
+    """Raise unless every |actual - expected| <= rel * max|expected| (a tolerance relative to the tensor's scale,
+    as fast paths are judged against these references); the message counts the misses and shows the worst."""
+    actual, expected = actual.double(), expected.double()
+    err = (actual - expected).abs()
+    bound = rel * expected.abs().max().clamp_min(1e-30)
+    if not bool((err <= bound).all()):
+        worst = int(err.argmax())
+        raise AssertionError(
+            f"{what}: {(err > bound).sum().item()} of {err.numel()} entries off; worst at flat index {worst}: "
+            f"{actual.flatten()[worst].item()!r} vs {expected.flatten()[worst].item()!r} (rel tol {rel})"
+        )

@@ -15,7 +15,6 @@ import os
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -79,25 +78,26 @@ class FeatureStatistics:
     (Tr (S_r S_f)^1/2 equals the trace of the symmetric form, whose eigenvalues are real and >= 0.)
     """
 
-    mean: np.ndarray
-    cov: np.ndarray
-    sqrt_cov: np.ndarray
+    mean: torch.Tensor
+    cov: torch.Tensor
+    sqrt_cov: torch.Tensor
     count: int
 
     @classmethod
     def of(cls, features: torch.Tensor) -> FeatureStatistics:
-        x = _check_features("features", features).numpy()
-        mean, cov = x.mean(0), np.cov(x, rowvar=False)
-        eigval, eigvec = np.linalg.eigh(cov)
-        sqrt_cov = (eigvec * np.sqrt(np.clip(eigval, 0, None))) @ eigvec.T
+        x = _check_features("features", features)
+        mean, cov = x.mean(0), torch.cov(x.T)
+        eigval, eigvec = torch.linalg.eigh(cov)
+        sqrt_cov = (eigvec * eigval.clamp_min(0).sqrt()) @ eigvec.T
         return cls(mean, cov, sqrt_cov, x.shape[0])
 
-    def frechet(self, mean: np.ndarray, cov: np.ndarray) -> float:
-        """Frechet distance between these statistics and a Gaussian with ``mean`` (d,) and ``cov`` (d, d)."""
+    def frechet(self, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        """Frechet distances to Gaussians with ``mean`` (..., d) and ``cov`` (..., d, d): shape (...)."""
         inner = self.sqrt_cov @ cov @ self.sqrt_cov
-        root_trace = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+        root_trace = torch.linalg.eigvalsh((inner + inner.mT) / 2).clamp_min(0).sqrt().sum(-1)
         diff = self.mean - mean
-        return float(diff @ diff + np.trace(self.cov) + np.trace(cov) - 2 * root_trace)
+        trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+        return (diff * diff).sum(-1) + self.cov.trace() + trace - 2 * root_trace
 
 
 def frechet_distance_interval(
@@ -118,22 +118,26 @@ def frechet_distance_interval(
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    x = _check_features("fake", fake).numpy()
+    x = _check_features("fake", fake)
     m = x.shape[0]
-    fid = real.frechet(x.mean(0), np.cov(x, rowvar=False))
+    fid = float(real.frechet(x.mean(0), torch.cov(x.T)))
     if bootstrap < 2:
         return fid, float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
     values = []
-    for _ in range(bootstrap):
-        w = rng.multinomial(m, np.full(m, 1.0 / m)).astype(np.float64)  # resample counts (M,)
-        mean = w @ x / m
-        centred = x - mean
-        cov = (centred * w[:, None]).T @ centred / (m - 1)
+    for start in range(0, bootstrap, 16):  # 16 resamples at a time: (16, d, M) weighted copies of x
+        picks = torch.randint(0, m, (min(16, bootstrap - start), m), generator=gen)
+        w = torch.zeros(picks.shape, dtype=x.dtype).scatter_add_(
+            1, picks, torch.ones_like(picks, dtype=x.dtype)
+        )
+        mean = w @ x / m  # (b, d): each resample's mean
+        second = (x.T * w[:, None, :]) @ x / m  # (b, d, d): each resample's E[x x^T]
+        cov = (second - mean[:, :, None] * mean[:, None, :]) * (m / (m - 1))
         values.append(real.frechet(mean, cov))
-    q_lo, median, q_hi = np.quantile(values, [(1 - confidence) / 2, 0.5, (1 + confidence) / 2])
-    shift = float(median) - fid
-    return fid, max(0.0, float(q_lo) - shift), float(q_hi) - shift
+    q = torch.tensor([(1 - confidence) / 2, 0.5, (1 + confidence) / 2], dtype=x.dtype)
+    q_lo, median, q_hi = torch.quantile(torch.cat(values), q).tolist()
+    shift = median - fid
+    return fid, max(0.0, q_lo - shift), q_hi - shift
 
 
 def kernel_distance(
@@ -271,22 +275,25 @@ class ImageEvaluator:
         self.real_radii = _kth_neighbour_radius(real, pr_k, 1024)
 
     def __call__(
-        self, images: torch.Tensor, labels: torch.Tensor | None = None
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, *, full: bool = True
     ) -> dict[str, float]:
         """Metrics of ``images`` (M, C, H, W) in [-1, 1]; ``labels`` (M,) are the classes they were sampled for.
 
-        Keys: fid, fid_lo, fid_hi (bootstrap interval, nan without one), kid, kid_std, is, is_std, precision,
-        recall, and class_acc when labels are given and the network's logits are classes.
+        Keys: fid, and class_acc when labels are given and the network's logits are classes; with ``full`` also
+        fid_lo, fid_hi (bootstrap interval, nan without one), kid, kid_std, is, is_std, precision and recall
+        (``full=False``: the cheap pair a curve of many evaluations needs).
         """
         features, logits = extract(self.net, images, self.batch_size)
-        out = dict(
-            zip(
-                ("fid", "fid_lo", "fid_hi"),
-                frechet_distance_interval(
-                    self.real_statistics, features, bootstrap=self.bootstrap, seed=self.seed
-                ),
-                strict=True,
-            )
+        out = {}
+        if labels is not None and self.class_logits:
+            out["class_acc"] = class_consistency(logits, labels)
+        if not full:
+            return {
+                "fid": frechet_distance_interval(self.real_statistics, features, bootstrap=0)[0],
+                **out,
+            }
+        out["fid"], out["fid_lo"], out["fid_hi"] = frechet_distance_interval(
+            self.real_statistics, features, bootstrap=self.bootstrap, seed=self.seed
         )
         out["kid"], out["kid_std"] = kernel_distance(
             self.real_features, features, subsets=self.kid_subsets, seed=self.seed
@@ -296,8 +303,6 @@ class ImageEvaluator:
         out["precision"], out["recall"] = precision_recall(
             self.real_features, features, k=self.pr_k, real_radii=self.real_radii
         )
-        if labels is not None and self.class_logits:
-            out["class_acc"] = class_consistency(logits, labels)
         return out
 
 

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -352,7 +354,9 @@ def evaluate(ctx: Context, model, step: int, seed: int, last: bool) -> tuple[dic
         )
     )  # fmt: skip
     if last:  # the val split, with other sampling noise: what a tau may be selected by
-        metrics["val_fid"] = sample_and_measure(ctx, model, ev.val, VAL_SAMPLING + seed)[0]["fid"]
+        metrics["val_fid"] = sample_and_measure(ctx, model, ev.val, VAL_SAMPLING + seed, False)[0][
+            "fid"
+        ]
     metrics["eval_seconds"] = time.perf_counter() - start
     return metrics, images[: e.grid_samples]
 
@@ -456,8 +460,26 @@ def run_generator(cfg: StudyConfig, key: RunKey, is_main: bool = True) -> dict:
 # ------------------------------------------------------------------------------------------ workers
 
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def _one_thread() -> None:
     torch.set_num_threads(1)
+
+
+@contextmanager
+def environment(values: dict[str, str]):
+    """Set environment variables for the duration of a ``with`` block (child processes inherit them)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_all(fn: Callable, tasks: Sequence, workers: int, desc: str, progress: bool) -> list:
@@ -476,7 +498,10 @@ def run_all(fn: Callable, tasks: Sequence, workers: int, desc: str, progress: bo
         return results
     results = [None] * len(tasks)
     context_ = get_context("spawn")  # fresh interpreters: no forked thread pools or torch state
-    with ProcessPoolExecutor(workers, mp_context=context_, initializer=_one_thread) as pool:
+    with (
+        environment(ONE_THREAD),  # the workers' BLAS libraries (numpy's too) read it when they load
+        ProcessPoolExecutor(workers, mp_context=context_, initializer=_one_thread) as pool,
+    ):
         futures = {pool.submit(fn, *task): i for i, task in enumerate(tasks)}
         try:
             for future in as_completed(futures):
