@@ -98,7 +98,7 @@ def test_plan_covers_every_setting_family_arm_and_seed(tmp_path):
         " arms: [ce, snce]}\n"
     )
     keys = plan_runs(load_study_config(path))
-    assert len(keys) == 2 * 3 * 3 + 1 * 2 * 3
+    assert len(keys) == 2 * 3 * 3 + 1 * 2 * 3 == len(set(keys))
     assert {(k.setting, k.arm) for k in keys if k.setting == "ibq"} == {
         ("ibq", "ce"),
         ("ibq", "snce"),
@@ -124,6 +124,14 @@ def test_config_errors_name_the_key(tmp_path):
         ("loss:\n  arms: [ce, snce_tau0x]\n", "loss.arms"),
         ("loss:\n  arms: [ce, focal]\n", "loss.arms"),
         ("seeds: [1, 1]\n", "seeds"),
+        (
+            "settings:\n  - {name: a}\n  - {name: a, quantizer: {kind: ibq}}\n",
+            "settings",
+        ),  # one name, two kinds
+        (
+            "settings:\n  - {name: a}\n  - {name: a, families: [autoregressive]}\n",
+            "settings",
+        ),  # a run twice
         ("quick:\n  eval.num_sample: 3\n", "eval.num_sample"),
         ("eval:\n  bootstrap: 1\n", "eval.bootstrap"),
     ]:

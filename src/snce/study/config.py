@@ -74,8 +74,9 @@ class StudyTokenizer(Config):
 class StudySetting(Config):
     """One tokenizer kind of the study and what is trained on its tokens.
 
-    name: a short label used in directory names and the report (e.g. "vq", "ibq"); settings may share a
-        name at different codebook sizes (e.g. to run the tau sweep at one K only).
+    name: a short label used in directory names and the report (e.g. "vq", "ibq"): one tokenizer kind, trained
+        once per K. Settings may share a name (and quantizer) to run other arms or families on the same
+        tokenizers (e.g. the tau sweep for one family only).
     quantizer: with a ``kind``, the quantizer itself (e.g. {kind: ibq}); without, overrides of
         ``tokenizer.model.quantizer`` (e.g. {metric: cosine}). codebook_size comes from K.
     families: generator families trained on it. arms: the arms run here (empty: the study's ``loss.arms``).
@@ -230,13 +231,24 @@ class StudyConfig(Config):
             raise ConfigError("workers", f"must be >= 1, got {self.workers}")
         if not self.settings:
             raise ConfigError("settings", "needs at least one tokenizer setting")
-        pairs = [(s.name, K) for s in self.settings for K in s.codebook_sizes]
-        repeated = sorted({p for p in pairs if pairs.count(p) > 1})
+        quantizers = {}
+        for s in self.settings:  # a name is one tokenizer kind: settings may share it to split arms
+            q = s.quantizer_config(self.tokenizer.model.quantizer)
+            if quantizers.setdefault(s.name, q) != q:
+                raise ConfigError(
+                    "settings",
+                    f"settings named {s.name!r} have different quantizers ({quantizers[s.name]} and {q}); "
+                    "a name is one tokenizer kind: give the other one its own name",
+                )
+        runs = [
+            (s.name, K, f, arm)
+            for s in self.settings for K in s.codebook_sizes for f in s.families for arm in self.arms(s)
+        ]  # fmt: skip
+        repeated = sorted({r for r in runs if runs.count(r) > 1})
         if repeated:
             raise ConfigError(
                 "settings",
-                f"each (name, codebook size) names one tokenizer and may appear once, got {repeated} twice; "
-                "a setting may repeat a name with other codebook sizes (e.g. other arms at another K)",
+                f"(name, K, family, arm) {repeated[0]} is planned by two settings; keep one",
             )
 
     def arms(self, setting: StudySetting) -> tuple[str, ...]:

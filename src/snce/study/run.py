@@ -166,8 +166,9 @@ def tokenizer_dir(out: Path, setting: str, K: int) -> Path:
     return out / "tokenizers" / f"{setting}-k{K}"
 
 
-def needs_latents(cfg: StudyConfig, setting: StudySetting) -> bool:
-    return "snce_latents" in cfg.arms(setting)
+def needs_latents(cfg: StudyConfig, name: str) -> bool:
+    """Whether any setting of this tokenizer kind trains on latents (its shards then store them)."""
+    return any("snce_latents" in cfg.arms(s) for s in cfg.settings if s.name == name)
 
 
 def prepare_tokenizer(
@@ -205,7 +206,7 @@ def measure_tokenizer(
     """Token shards, code health, suggested taus, SNCE target entropy and matched smoothing, and the
     reconstruction floor (FID of reconstructed test images against the test split) of one tokenizer."""
     out = Path(cfg.out_dir)
-    latents = needs_latents(cfg, setting)
+    latents = needs_latents(cfg, setting.name)
     shard_dirs = {}
     for split in ("train", "test"):
         shard_dirs[split] = out / "tokens" / f"{setting.name}-k{K}" / split
@@ -320,28 +321,27 @@ def arm_loss(cfg: StudyConfig, arm: str, info: dict, seed: int) -> LossConfig:
 
 
 @torch.no_grad()
-def sample_and_measure(ctx: Context, model, evaluator: ImageEvaluator, seed: int):
-    """``num_samples`` balanced-class samples drawn with ``seed`` -> (metrics, tokens, images)."""
+def sample_and_measure(ctx: Context, model, evaluator: ImageEvaluator, seed: int, full: bool):
+    """``num_samples`` balanced-class samples drawn with ``seed`` -> (metrics, tokens, images); ``full``: every
+    metric of the evaluator, else the cheap ones (see :meth:`ImageEvaluator.__call__`)."""
     n = ctx.cfg.eval.num_samples
     classes = ctx.classes(n)
     gen = torch.Generator(device=ctx.device).manual_seed(seed)
     tokens, images = sample_images(
-        model,
-        ctx.tokenizer,
-        classes,
-        ctx.cfg.eval.sample,
-        num_samples=n,
-        batch_size=500,
-        generator=gen,
-    )
-    return evaluator(images, classes), tokens, images
+        model, ctx.tokenizer, classes, ctx.cfg.eval.sample, num_samples=n, batch_size=1000, generator=gen
+    )  # fmt: skip
+    return evaluator(images, classes, full=full), tokens, images
 
 
 def evaluate(ctx: Context, model, step: int, seed: int, last: bool) -> tuple[dict, torch.Tensor]:
-    """Every metric of one checkpoint; returns (metrics, the first ``grid_samples`` images)."""
+    """The metrics of one checkpoint; returns (metrics, the first ``grid_samples`` images).
+
+    Every evaluation: FID, class consistency, code statistics, held-out NLL (what curves need). The last one
+    also: the FID's bootstrap interval, KID, IS, precision/recall, and the val split's FID.
+    """
     e, ev = ctx.cfg.eval, evaluators(ctx.cfg)
     start = time.perf_counter()
-    metrics, tokens, images = sample_and_measure(ctx, model, ev.test, TEST_SAMPLING + seed)
+    metrics, tokens, images = sample_and_measure(ctx, model, ev.test, TEST_SAMPLING + seed, last)
     metrics = {"step": step, **metrics}
     metrics.update({f"code_{k}": v for k, v in code_statistics(tokens, ctx.info["K"]).items()})
     test = ctx.shards["test"]
@@ -354,9 +354,8 @@ def evaluate(ctx: Context, model, step: int, seed: int, last: bool) -> tuple[dic
         )
     )  # fmt: skip
     if last:  # the val split, with other sampling noise: what a tau may be selected by
-        metrics["val_fid"] = sample_and_measure(ctx, model, ev.val, VAL_SAMPLING + seed, False)[0][
-            "fid"
-        ]
+        val, _, _ = sample_and_measure(ctx, model, ev.val, VAL_SAMPLING + seed, False)
+        metrics["val_fid"] = val["fid"]
     metrics["eval_seconds"] = time.perf_counter() - start
     return metrics, images[: e.grid_samples]
 
@@ -541,8 +540,10 @@ def run_study(cfg: StudyConfig, *, progress: bool = True) -> dict | None:
         floors = {**read_json(floors_path), "features": ev.info}
     barrier()
 
-    tok_tasks = [(cfg, s, K, is_main) for s in cfg.settings for K in s.codebook_sizes]
-    tokenizers = run_all(prepare_tokenizer, tok_tasks, workers, "tokenizers", progress and is_main)
+    tok_tasks = {(s.name, K): (cfg, s, K, is_main) for s in cfg.settings for K in s.codebook_sizes}
+    tokenizers = run_all(
+        prepare_tokenizer, list(tok_tasks.values()), workers, "tokenizers", progress and is_main
+    )
     run_tasks = [(cfg, key, is_main) for key in plan_runs(cfg)]
     runs = run_all(run_generator, run_tasks, workers, "generator runs", progress and is_main)
     if not is_main:
