@@ -48,7 +48,11 @@ def test_analysis_pairs_by_seed_and_words_follow_the_intervals():
     assert geometry["final_fid"]["mean"] == pytest.approx(-5.0)
     # First reach: CE's best of seed 0 is 30 at step 30; SNCE (45, 35, 25) reaches 30 at step 25.
     conv = group["convergence"]["ce_best"]
-    assert conv["ce"][0] == 30.0 and conv["snce"][0] == pytest.approx(25.0)
+    assert conv["ce"]["steps"][0] == 30.0 and conv["snce"]["steps"][0] == pytest.approx(25.0)
+    # Seeds 1, 2 likewise (CE best at step 30, SNCE 5 lower everywhere: 25): ratio 25/30 in every seed.
+    assert conv["snce"]["ce_steps"] == [30.0, 30.0, 30.0]
+    assert conv["snce"]["fraction"]["mean"] == pytest.approx(25 / 30)
+    assert conv["snce_shuffled"]["reached"] == 2 and "fraction" not in conv["snce_shuffled"]
     text = verdict_paragraph([group])
     assert "SNCE vs CE, final FID -5 [-5, -5]: SNCE better (win)" in text
     assert "vs SNCE, shuffled neighbours" in text
