@@ -599,7 +599,7 @@ def sample_grids(results: dict, out: Path, real: torch.Tensor) -> list[Path]:
 def _save_figure(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
     os.replace(tmp, path)
     return path
 
