@@ -40,6 +40,10 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         self.key = key
         super().__init__(f"config key '{key}': {message}" if key else message)
+        self.message = message
+
+    def __reduce__(self):  # rebuilt from (key, message), e.g. when raised in a worker process
+        return type(self), (self.key, self.message)
 
 
 class _Mismatch(Exception):

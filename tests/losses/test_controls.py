@@ -376,3 +376,60 @@ def test_matched_label_smoothing_has_the_snce_entropy():
     soft = (1 - eps) * F.one_hot(target, k) + eps / k
     torch.testing.assert_close(F.cross_entropy(logits, target, label_smoothing=eps),
                                -(soft * logits.log_softmax(1)).sum(1).mean())
+
+
+# ----------------------------------------------------------------------------------- draws from the targets
+
+
+@pytest.mark.parametrize("with_latents", [False, True])
+@pytest.mark.parametrize("topk", [None, 3])
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_sample_neighbors_draws_from_the_target(with_latents, topk, shuffled):
+    from snce.losses import sample_neighbors
+
+    g = torch.Generator().manual_seed(0)
+    K, n_draws = 7, 40_000
+    codebook = torch.randn(K, 3, generator=g, dtype=torch.float64)
+    target = torch.tensor([2, 5])
+    latents = (
+        codebook[target] + 0.3 * torch.randn(2, 3, generator=g, dtype=torch.float64)
+        if with_latents
+        else None
+    )
+    shuffle = NeighborShuffle(K, seed=4) if shuffled else None
+    # The dense target the loss trains towards, from the readable reference (shuffled there too).
+    q = dense_targets(target, codebook, latents, tau=0.7, topk=topk, shuffle=shuffle)  # (2, K)
+    rows = target.repeat_interleave(n_draws)
+    z_rows = None if latents is None else latents.repeat_interleave(n_draws, dim=0)
+    drawn = sample_neighbors(rows, codebook, tau=0.7, latents=z_rows, topk=topk, shuffle=shuffle,
+                             generator=torch.Generator().manual_seed(1), block_rows=9_999)  # fmt: skip
+    for i in range(2):
+        freq = (
+            torch.bincount(drawn[i * n_draws : (i + 1) * n_draws], minlength=K).double() / n_draws
+        )
+        # Within 5 binomial standard deviations of q, and never a code outside the target's support.
+        assert ((freq - q[i]).abs() <= 5 * (q[i] * (1 - q[i]) / n_draws).sqrt() + 1e-12).all(), (
+            freq,
+            q[i],
+        )
+
+
+def test_token_loss_sample_targets_follow_each_kind():
+    from snce.generators.objectives import LossConfig, TokenLoss
+
+    K, n = 50, 200_000
+    target = torch.full((n,), 7)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(
+        TokenLoss(LossConfig(kind="ce")).sample_targets(target, K, generator=g), target
+    )
+    ls = TokenLoss(LossConfig(kind="label_smoothing", label_smoothing=0.3)).sample_targets(
+        target, K, generator=g
+    )
+    # (1 - eps) + eps / K on the true code, eps / K on each other code.
+    assert float((ls == 7).double().mean()) == pytest.approx(0.7 + 0.3 / K, abs=0.005)
+    assert set(ls.tolist()) == set(range(K))
+    codebook = torch.randn(K, 4, generator=g)
+    table_loss = TokenLoss(LossConfig(kind="snce", tau=0.5, topk=4), codebook, "l2")
+    drawn = table_loss.sample_targets(target[:20_000], K, generator=g)
+    assert set(drawn.tolist()) <= set(table_loss.table.indices[7].tolist())

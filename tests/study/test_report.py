@@ -112,7 +112,7 @@ def test_plan_covers_every_setting_family_arm_and_seed(tmp_path):
 def test_quick_overrides_then_set(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(
-        "seeds: [0, 1, 2, 3, 4]\nquick:\n  seeds: [0, 1]\n  generator.train.steps: 7\n  out_dir: q\n"
+        "seeds: [0, 1, 2, 3, 4]\nquick:\n  seeds: [0, 1]\n  generator.train.steps: 7\n  eval.every: 7\n  out_dir: q\n"
     )
     full = load_study_config(path)
     assert full.seeds == (0, 1, 2, 3, 4) and full.out_dir == StudyConfig().out_dir
@@ -138,10 +138,19 @@ def test_config_errors_name_the_key(tmp_path):
         ),  # a run twice
         ("quick:\n  eval.num_sample: 3\n", "eval.num_sample"),
         ("eval:\n  bootstrap: 1\n", "eval.bootstrap"),
+        ("loss:\n  arms: [ce, snce_tau1x]\n", "loss.arms"),  # that is 'snce'
+        ("eval: {every: 500}\ngenerator: {train: {steps: 400}}\n", "eval.every"),
     ]:
         path.write_text(text)
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_study_config(path, quick=True)
+
+
+def test_config_errors_survive_a_worker_process():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(ConfigError("eval.every", "must be >= 1")))
+    assert isinstance(error, ConfigError) and error.key == "eval.every" and "must be >= 1" in str(error)
 
 
 def test_results_made_with_other_settings_are_never_reused(tmp_path):

@@ -60,10 +60,14 @@ def test_quick_study_end_to_end_and_resume(tmp_path):
         assert (
             t["tau"] > 0 and 0 <= t["matched_smoothing"] < 1 and t["health"]["duplicate_codes"] == 0
         )
+        arms = {a for s in cfg.settings if s.name == t["setting"] for a in cfg.arms(s)}
+        assert set(t["target_floors"]) == arms - {"ce"}  # every arm's target, decoded and measured
+        assert all(math.isfinite(m["fid"]) for m in t["target_floors"].values())
     assert math.isfinite(results["floors"]["train_vs_test"]["fid"])
 
     report = (out / "report.md").read_text()
-    for heading in ("## Verdict", "## Floors", "## Controls", "## Convergence", "## Tau sweep"):
+    for heading in ("## Verdict", "## Floors", "What each arm's target", "## Controls", "## Convergence",
+                    "## Tau sweep"):  # fmt: skip
         assert heading in report
     assert "[" in report.split("## Verdict table")[1]  # intervals are printed
     for line in report.splitlines():

@@ -33,7 +33,7 @@ from snce.config import Config, ConfigError
 from snce.functional import fused_linear_cross_entropy, fused_linear_snce_loss, suggest_tau
 from snce.generators.autoregressive import AutoregressiveTransformer
 from snce.generators.masked_diffusion import MaskedDiffusionTransformer
-from snce.losses import NeighborShuffle, NeighborTable
+from snce.losses import NeighborShuffle, NeighborTable, sample_neighbors
 from snce.quantize.search import METRICS
 
 
@@ -63,8 +63,8 @@ class LossConfig(Config):
     memory_budget_mb: int = 256
 
     def check(self) -> None:
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError("label_smoothing", f"must lie in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ConfigError("label_smoothing", f"must lie in [0, 1], got {self.label_smoothing}")
         if self.tau is not None and not (math.isfinite(self.tau) and self.tau > 0):
             raise ConfigError(
                 "tau", f"must be a finite number > 0 or null (suggested), got {self.tau}"
@@ -147,6 +147,43 @@ class TokenLoss:
         if self.shuffle is not None:
             self.shuffle = self.shuffle.to(device)
         return self
+
+    @torch.no_grad()
+    def sample_targets(
+        self,
+        target: torch.Tensor,
+        num_codes: int,
+        latents: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """One code per token drawn from the distribution this loss trains towards: target (N,) long -> (N,).
+
+        "ce": the target itself; "label_smoothing": a uniformly random code with probability epsilon, else the
+        target; "snce": a draw from q (:func:`snce.losses.sample_neighbors`, shuffled when the loss is). Decoding
+        such draws shows what a generator that learned its training target exactly would produce.
+        """
+        cfg = self.config
+        if cfg.kind == "ce":
+            return target.clone()
+        if cfg.kind == "label_smoothing":
+            uniform = torch.randint(
+                0, num_codes, target.shape, generator=generator, device=target.device
+            )
+            smoothed = (
+                torch.rand(target.shape, generator=generator, device=target.device)
+                < cfg.label_smoothing
+            )
+            return torch.where(smoothed, uniform, target)
+        if self.table is not None:
+            index, probs = self.table.lookup(target)  # (N, k)
+            drawn = index.gather(1, torch.multinomial(probs, 1, generator=generator))
+            drawn = drawn if self.shuffle is None else self.shuffle.permute(drawn, target)
+            return drawn[:, 0]
+        return sample_neighbors(
+            target, self.codebook, tau=self.tau, metric=self.metric,
+            latents=latents if cfg.targets == "latents" else None, topk=cfg.topk, shuffle=self.shuffle,
+            generator=generator,
+        )  # fmt: skip
 
     def describe(self) -> dict:
         """What the run trains with, for logs and reports."""

@@ -115,6 +115,59 @@ def neighbor_distribution(
 
 
 @torch.no_grad()
+def sample_neighbors(
+    target: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    tau: float,
+    metric: str = "l2",
+    latents: torch.Tensor | None = None,
+    topk: int | None = None,
+    shuffle: NeighborShuffle | None = None,
+    generator: torch.Generator | None = None,
+    block_rows: int = 4096,
+) -> torch.Tensor:
+    """One code per token drawn from its SNCE target q: stochastic quantization (SNCE's loss is the expected
+    cross-entropy over these draws). target (N,) long codes; latents (N, D) or None (z = codebook[target]).
+
+    ``topk``: from the renormalised top-k target; ``shuffle``: from the shuffled-neighbour target (a draw k from
+    q moved to pi_y(k), which is a draw from the permuted q). Rows go in blocks of ``block_rows`` (one (rows, K)
+    block of teacher logits at a time). Returns (N,) long.
+    """
+    if not (torch.is_tensor(target) and target.dim() == 1 and not target.is_floating_point()):
+        raise ValueError("target must be a (N,) integer tensor of code indices")
+    if latents is not None and latents.shape[0] != target.shape[0]:
+        raise ValueError(
+            f"latents must hold one row per target, got {latents.shape[0]} for {target.shape[0]}"
+        )
+    num_codes = codebook.shape[0]
+    topk = check_topk(topk, num_codes)
+    target = target.long()
+    if target.numel() and not (0 <= int(target.min()) and int(target.max()) < num_codes):
+        raise ValueError(f"target must lie in [0, {num_codes}) (the number of codes)")
+    if shuffle is not None and shuffle.num_codes != num_codes:
+        raise ValueError(
+            f"shuffle was built for {shuffle.num_codes} codes, but the codebook has {num_codes}"
+        )
+    teacher = TeacherLogits(codebook, latents, check_tau(tau), metric)
+    out = torch.empty_like(target)
+    for start in range(0, target.numel(), block_rows):
+        rows = torch.arange(start, min(target.numel(), start + block_rows), device=target.device)
+        t = teacher.block(rows, target)  # (n, K)
+        if topk is None:
+            drawn = torch.multinomial(t.softmax(dim=1), 1, generator=generator)  # (n, 1)
+        else:
+            values, index = t.topk(topk, dim=1)
+            drawn = index.gather(
+                1, torch.multinomial(values.softmax(dim=1), 1, generator=generator)
+            )
+        if shuffle is not None:
+            drawn = shuffle.permute(drawn, target[rows])
+        out[rows] = drawn[:, 0]
+    return out
+
+
+@torch.no_grad()
 def target_entropy(
     codebook: torch.Tensor,
     *,

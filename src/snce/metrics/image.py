@@ -248,7 +248,7 @@ class ImageEvaluator:
             computed once here. For an honest FID these are held-out images the generator never saw.
         class_logits: True when ``net``'s logits are the dataset's classes (domain classifier on labelled
             data), so class consistency can be measured.
-        bootstrap: resamples of the generated set for the FID interval (0: no interval).
+        bootstrap: resamples of the generated set for the FID interval (0: no interval); confidence: its level.
     """
 
     def __init__(
@@ -262,13 +262,14 @@ class ImageEvaluator:
         is_splits: int = 10,
         pr_k: int = 3,
         bootstrap: int = 0,
+        confidence: float = 0.95,
         seed: int = 0,
     ) -> None:
         self.net = net.eval()
         self.class_logits = class_logits
         self.batch_size = batch_size
         self.kid_subsets, self.is_splits, self.pr_k, self.seed = kid_subsets, is_splits, pr_k, seed
-        self.bootstrap = bootstrap
+        self.bootstrap, self.confidence = bootstrap, confidence
         self.real_features, _ = extract(net, real_images, batch_size)
         self.real_statistics = FeatureStatistics.of(self.real_features)
         real = _check_features("real", self.real_features, pr_k + 1)
@@ -293,7 +294,11 @@ class ImageEvaluator:
                 **out,
             }
         out["fid"], out["fid_lo"], out["fid_hi"] = frechet_distance_interval(
-            self.real_statistics, features, bootstrap=self.bootstrap, seed=self.seed
+            self.real_statistics,
+            features,
+            bootstrap=self.bootstrap,
+            confidence=self.confidence,
+            seed=self.seed,
         )
         out["kid"], out["kid_std"] = kernel_distance(
             self.real_features, features, subsets=self.kid_subsets, seed=self.seed

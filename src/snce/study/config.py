@@ -50,6 +50,8 @@ def check_arm(arm: str, key: str = "arms") -> None:
     if arm in FIXED_ARMS:
         return
     scale = arm_tau_scale(arm)
+    if scale == 1.0:
+        raise ConfigError(key, f"{arm!r} is the arm 'snce' (tau 1x); list it as 'snce'")
     if scale is None or not scale > 0:
         raise ConfigError(
             key,
@@ -188,7 +190,14 @@ class StudyEval(Config):
     grid_samples: int = 40
 
     def check(self) -> None:
-        for name in ("every", "nll_samples", "grid_samples", "feature_images"):
+        for name in (
+            "every",
+            "nll_samples",
+            "grid_samples",
+            "feature_images",
+            "domain_steps",
+            "domain_width",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.num_samples < 8:
@@ -250,6 +259,17 @@ class StudyConfig(Config):
                 "settings",
                 f"(name, K, family, arm) {repeated[0]} is planned by two settings; keep one",
             )
+
+        if self.eval.every > self.generator.train.steps:
+            raise ConfigError(
+                "eval.every",
+                f"{self.eval.every} is more than generator.train.steps ({self.generator.train.steps}): runs "
+                "would be measured once; the protocol wants >= 8 evaluations per run",
+            )
+
+    def evaluations(self) -> int:
+        """Evaluations per run: every ``eval.every`` steps (the last step is always one)."""
+        return self.generator.train.steps // self.eval.every
 
     def arms(self, setting: StudySetting) -> tuple[str, ...]:
         """The arms run on ``setting``'s tokens."""

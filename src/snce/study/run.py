@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -52,15 +53,26 @@ from snce.tokenizer import (
     train_tokenizer,
 )
 from snce.train import Callback, Trainer, latest_checkpoint, save_image_grid
-from snce.train.distributed import barrier, init_distributed
+from snce.train.distributed import barrier, init_distributed, resolve_device
 from snce.train.generator import RUN_FILE, GeneratorRunConfig, build_model, sample_images
 
 TEST_SAMPLING, VAL_SAMPLING = 1_000_000, 2_000_000  # sampling seeds: offset + the run's seed
 
 
 def write_json(path: Path, data) -> None:
+    """Strict JSON (NaN and inf, e.g. the interval of a single seed, are written as null), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
+    atomic_write_text(path, json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
+
+
+def _finite(data):
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
 
 
 def read_json(path: Path):
@@ -140,7 +152,12 @@ def evaluators(cfg: StudyConfig, progress: bool = False) -> Evaluators:
     )  # fmt: skip
     net = net.to(device)
     make = functools.partial(
-        ImageEvaluator, net, class_logits=info["class_logits"], bootstrap=e.bootstrap, seed=cfg.seed
+        ImageEvaluator,
+        net,
+        class_logits=info["class_logits"],
+        bootstrap=e.bootstrap,
+        confidence=e.confidence,
+        seed=cfg.seed,
     )
     test = make(evenly_spaced(build_dataset(cfg.data, split="test"))[0])
     val = make(evenly_spaced(build_dataset(cfg.data, split="val"))[0])
@@ -187,17 +204,44 @@ def prepare_tokenizer(
         check_spec(run_dir, run_cfg.to_dict())
     barrier()
     info_path = run_dir / "study.json"
-    if info_path.is_file() and (run_dir / "tokenizer" / "config.json").is_file():
+    measured_with = measurement_spec(cfg, setting.name, K)
+    trained = (run_dir / "tokenizer" / "config.json").is_file()
+    if (
+        trained
+        and info_path.is_file()
+        and read_json(info_path).get("measured_with") == measured_with
+    ):
         return read_json(info_path)
     start = time.perf_counter()
-    if not (run_dir / "tokenizer" / "config.json").is_file():
+    if not trained:
         train_tokenizer(run_cfg, resume=latest_checkpoint(run_dir) is not None)
     seconds = time.perf_counter() - start
+    if info_path.is_file():  # re-measured with other settings: the training time is the first one's
+        seconds = read_json(info_path).get("train_seconds", seconds)
     if is_main:
-        tok = Tokenizer.from_pretrained(run_dir / "tokenizer")
-        write_json(info_path, measure_tokenizer(cfg, setting, K, tok, seconds))
+        tok = Tokenizer.from_pretrained(run_dir / "tokenizer", device=resolve_device(cfg.device))
+        info = measure_tokenizer(cfg, setting, K, tok, seconds)
+        write_json(info_path, {**info, "measured_with": measured_with})
     barrier()
     return read_json(info_path)
+
+
+def arms_on(cfg: StudyConfig, name: str, K: int) -> list[str]:
+    """Every arm trained on the tokens of tokenizer (name, K), over the settings that share it."""
+    arms = {
+        a for s in cfg.settings if s.name == name and K in s.codebook_sizes for a in cfg.arms(s)
+    }
+    return sorted(arms)
+
+
+def measurement_spec(cfg: StudyConfig, name: str, K: int) -> dict:
+    """What a tokenizer's study.json depends on beyond the tokenizer itself: re-measured when it changes."""
+    e = cfg.eval
+    return {
+        "arms": arms_on(cfg, name, K), "latents": needs_latents(cfg, name), "loss": cfg.loss.to_dict(),
+        "num_samples": e.num_samples, "feature_network": [e.inception_weights, e.feature_images, e.domain_steps,
+        e.domain_width], "bootstrap": [e.bootstrap, e.confidence], "seed": cfg.seed,
+    }  # fmt: skip
 
 
 def measure_tokenizer(
@@ -232,11 +276,42 @@ def measure_tokenizer(
     if latents:
         z = train.latents.reshape(-1, codebook.shape[1]).float()
         info["tau_latents"] = suggest_tau(codebook, metric, latents=z)
-    images, labels = evenly_spaced(build_dataset(cfg.data, split="test"), cfg.eval.num_samples)
-    with torch.no_grad():
-        recon = tok.eval().decode(tok.encode(images).indices).clamp(-1, 1)
-    info["reconstruction_floor"] = evaluators(cfg).test(recon, labels)
+    info["reconstruction_floor"], info["target_floors"] = target_floors(
+        cfg, setting.name, K, tok, info
+    )
     return info
+
+
+@torch.no_grad()
+def target_floors(
+    cfg: StudyConfig, name: str, K: int, tok: Tokenizer, info: dict
+) -> tuple[dict, dict]:
+    """What a generator that learned its training target exactly would score: the ``num_samples`` test images'
+    tokens, redrawn token by token from each arm's target distribution, decoded and measured against the test
+    split. The CE target gives the reconstructions themselves (returned first, with every metric)."""
+    images, labels = evenly_spaced(build_dataset(cfg.data, split="test"), cfg.eval.num_samples)
+    device = next(tok.parameters()).device
+    batches = [tok.encode(x.to(device)) for x in images.split(500)]
+    indices = torch.cat([b.indices for b in batches])  # (n, h, w)
+    latents = torch.cat([b.latents.permute(0, 2, 3, 1) for b in batches]).reshape(
+        indices.numel(), -1
+    )
+
+    def measure(tokens: torch.Tensor, full: bool) -> dict:
+        decoded = torch.cat(
+            [tok.decode(t).clamp(-1, 1).cpu() for t in tokens.view_as(indices).split(500)]
+        )
+        return evaluators(cfg).test(decoded, labels, full=full)
+
+    codebook, metric = tok.quantizer.codebook.detach().float(), tok.quantizer.metric
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    floors = {}
+    for arm in arms_on(cfg, name, K):
+        if arm != "ce":
+            loss = TokenLoss(arm_loss(cfg, arm, info, cfg.seed), codebook, metric, has_latents=True)
+            drawn = loss.sample_targets(indices.reshape(-1), K, latents, generator=gen)
+            floors[arm] = measure(drawn, full=False)
+    return measure(indices, full=True), floors
 
 
 # ------------------------------------------------------------------------------------------ generators

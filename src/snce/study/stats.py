@@ -83,16 +83,16 @@ def first_reach(steps: Sequence[float], values: Sequence[float], target: float) 
 
     Between two evaluations the curve is linear, so the crossing is interpolated; at the first evaluation
     there is nothing before it to interpolate from, so a curve already at or below the target reaches it at
-    that step. None: never reached within the run.
+    that step (an upper bound: it may have got there earlier). None: never reached within the run.
     """
     _check_curve(steps, values)
-    prev = None
+    prev = None  # the last evaluation above the target
     for s, v in zip(steps, values, strict=True):
         if v <= target:
-            if prev is None or prev[1] == v:
+            if prev is None:
                 return float(s)
             (s0, v0) = prev
-            return s0 + (v0 - target) / (v0 - v) * (s - s0)
+            return s0 + (v0 - target) / (v0 - v) * (s - s0)  # v0 > target >= v
         prev = (s, v)
     return None
 

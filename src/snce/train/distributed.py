@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+COLLECTIVE_TIMEOUT = timedelta(hours=4)
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
             dev = torch.device("cuda", local_rank)
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+            # Evaluations run on rank 0 while the other ranks wait at the next collective: allow them hours.
+            dist.init_process_group(
+                backend="nccl" if dev.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT
+            )
     return DistInfo(rank, world, local_rank, dev)
 
 
