@@ -274,6 +274,7 @@ def test_shuffle_errors():
 
 def test_auto_dispatch_keeps_a_shuffle_on_the_torch_path(monkeypatch):
     monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.setattr(kernels, "VERIFIED_ON", "a GPU")
     on_gpu = types.SimpleNamespace(is_cuda=True, dtype=torch.float32)  # all `supports` looks at
     assert kernels.supports(on_gpu, on_gpu)
     assert not kernels.supports(on_gpu, on_gpu, shuffle=NeighborShuffle(8))

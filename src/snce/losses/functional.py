@@ -243,8 +243,9 @@ def fused_linear_snce_loss(
     hidden: (..., H), head_weight: (K, H), head_bias: (K,) or None; other arguments as :func:`snce_loss`.
     Gradients flow to hidden, head_weight and head_bias. Peak extra memory O(block_rows x K + N x H)
     plus the head weight's gradient.
-    impl: "auto" (Triton kernels for CUDA tensors when Triton is installed and none of ``topk``, ``table``
-    and ``shuffle`` is used, else torch), "torch" (the chunked torch path) or "triton" (force the kernels).
+    impl: "auto" (Triton kernels for CUDA tensors once they are verified on a GPU, when Triton is installed and
+    none of ``topk``, ``table`` and ``shuffle`` is used; else torch), "torch" (the chunked torch path) or
+    "triton" (force the kernels; on CUDA a one-time warning while they are unverified).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -257,6 +258,7 @@ def fused_linear_snce_loss(
         impl == "auto"
         and kernels.supports(hidden, head_weight, codebook, latents, topk=topk, table=table, shuffle=shuffle)
     ):
+        kernels.warn_unverified(hidden)
         return kernels.fused_linear_snce_loss_triton(
             hidden, head_weight, target, head_bias, codebook=codebook, latents=latents, tau=tau, metric=metric,
             topk=topk, table=table, weight=weight, ignore_index=ignore_index, reduction=reduction,

@@ -10,6 +10,10 @@ first kernel use; slow, for tests at tiny shapes).
     dist, idx = kernels.nearest_codes_triton(z, codebook, "l2", k=8)
 
 Kernel modules: :mod:`.linear_snce` (loss), :mod:`.search` (nearest codes), :mod:`.tiles` (shared tiles).
+
+Until the kernels have passed their GPU tests (``pytest -m gpu tests/kernels``) on real hardware, ``impl="auto"``
+does not pick them (:data:`VERIFIED_ON`); ``impl="triton"`` still runs them on CUDA tensors, with a one-time
+warning.
 """
 
 from __future__ import annotations
@@ -17,17 +21,23 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import warnings
 
 import torch
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Where the kernels passed their GPU tests (GPU, torch and Triton versions); None: only under Triton's CPU
+# interpreter so far. While None, impl="auto" keeps CUDA tensors on the chunked torch path.
+VERIFIED_ON: str | None = None
 _LAZY = {
     "fused_linear_snce_loss_triton": "linear_snce",
     "KernelConfig": "linear_snce",
     "LinearSNCEFunction": "linear_snce",
     "nearest_codes_triton": "search",
 }
-__all__ = ["KERNEL_DTYPES", "interpreting", "supports", "triton_available", *_LAZY]
+__all__ = [
+    "KERNEL_DTYPES", "VERIFIED_ON", "interpreting", "supports", "triton_available", "warn_unverified", *_LAZY,
+]  # fmt: skip
 
 
 def triton_available() -> bool:
@@ -43,12 +53,28 @@ def interpreting() -> bool:
 def supports(
     hidden: torch.Tensor, *tensors: torch.Tensor | None, topk=None, table=None, shuffle=None
 ) -> bool:
-    """Whether ``impl="auto"`` should take the Triton path: Triton installed, CUDA tensors, a kernel dtype
-    (float32 / bfloat16 / float16 hidden) and no ``topk`` / ``table`` / ``shuffle`` (those stay on the torch
-    path)."""
+    """Whether ``impl="auto"`` should take the Triton path: kernels verified on a GPU (:data:`VERIFIED_ON`),
+    Triton installed, CUDA tensors, a kernel dtype (float32 / bfloat16 / float16 hidden) and no ``topk`` /
+    ``table`` / ``shuffle`` (those stay on the torch path)."""
     on_cuda = all(t.is_cuda for t in (hidden, *tensors) if t is not None)
     torch_only = topk is not None or table is not None or shuffle is not None
-    return not torch_only and on_cuda and hidden.dtype in KERNEL_DTYPES and triton_available()
+    usable = on_cuda and hidden.dtype in KERNEL_DTYPES and triton_available()
+    return VERIFIED_ON is not None and not torch_only and usable
+
+
+_warned = False
+
+
+def warn_unverified(hidden: torch.Tensor) -> None:
+    """Warn once per process when unverified kernels are forced onto CUDA tensors (``impl="triton"``)."""
+    global _warned
+    if hidden.is_cuda and VERIFIED_ON is None and not _warned:
+        _warned = True
+        warnings.warn(
+            "impl='triton': the snce Triton kernels have not yet passed their GPU tests on real hardware "
+            "(pytest -m gpu tests/kernels); impl='auto' uses the chunked torch path until they have",
+            stacklevel=3,
+        )
 
 
 def __getattr__(name: str):
