@@ -326,7 +326,7 @@ def eval_command(args) -> int:
             )  # fmt: skip
         else:
             data = load_data_config(args.samples, args.overrides)  # defaults (digits) + --set data.*
-            channels = data.channels or (1 if data.kind == "digits" else 3)
+            channels = data.image_channels
             images, extras = load_samples(args.samples, data.size, channels)
             metrics = evaluate_samples(
                 images, data, labels=extras.get("labels"), inception_weights=args.inception_weights,

@@ -139,6 +139,11 @@ def test_config_errors_name_the_key(tmp_path):
         ("quick:\n  eval.num_sample: 3\n", "eval.num_sample"),
         ("eval:\n  bootstrap: 1\n", "eval.bootstrap"),
         ("loss:\n  arms: [ce, snce_tau1x]\n", "loss.arms"),  # that is 'snce'
+        ("data: {name: photos}\n", "tokenizer.model.in_channels"),  # RGB images, a grey tokenizer
+        ("data: {size: 18}\n", "data.size"),  # not a multiple of the tokenizer's downsampling
+        ("tokenizer: {model: {in_channels: 1, quantizer: {kind: vq, metric: manhattan}}}\n",
+         "tokenizer.model.quantizer"),
+        ("settings:\n  - {name: i, quantizer: {kind: ibq, codebook_sizee: 9}}\n", "settings"),
         ("eval: {every: 500}\ngenerator: {train: {steps: 400}}\n", "eval.every"),
     ]:
         path.write_text(text)

@@ -57,6 +57,11 @@ class DataConfig(Config):
     def kind(self) -> str:
         return "folder" if self.path is not None else self.name
 
+    @property
+    def image_channels(self) -> int:
+        """The channels images come with: ``channels`` if set, else the dataset's own (grey digits: 1)."""
+        return self.channels or (1 if self.kind in ("digits", "mnist") else 3)
+
     def check(self) -> None:
         if self.kind == "folder":
             if self.path is None:
@@ -76,19 +81,16 @@ class DataConfig(Config):
 def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
     """The dataset a :class:`DataConfig` names."""
     kind = cfg.kind
+    channels = cfg.image_channels
     if kind == "digits":
-        return Digits(cfg.size, split=split, channels=cfg.channels or 1)
+        return Digits(cfg.size, split=split, channels=channels)
     if kind == "mnist":
-        return Mnist(cfg.size, split=split, channels=cfg.channels or 1)
+        return Mnist(cfg.size, split=split, channels=channels)
     if kind == "photos":
-        return Photos(
-            cfg.size, cfg.num_samples, seed=cfg.seed, split=split, channels=cfg.channels or 3
-        )
+        return Photos(cfg.size, cfg.num_samples, seed=cfg.seed, split=split, channels=channels)
     if kind == "shapes":
-        return Shapes(
-            cfg.size, cfg.num_samples, seed=cfg.seed, split=split, channels=cfg.channels or 3
-        )
-    return ImageFolder(cfg.path, cfg.size, split=split, channels=cfg.channels or 3)
+        return Shapes(cfg.size, cfg.num_samples, seed=cfg.seed, split=split, channels=channels)
+    return ImageFolder(cfg.path, cfg.size, split=split, channels=channels)
 
 
 def _check_split(split: str) -> str:

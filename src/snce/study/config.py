@@ -21,7 +21,7 @@ sampling noise, so arms are compared paired by seed. The arms:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -30,7 +30,7 @@ from snce.config import Config, ConfigError, apply_override, parse_override
 from snce.data import DataConfig
 from snce.generators import FAMILIES, PRESETS
 from snce.tokenizer import LossConfig as TokenizerLossConfig
-from snce.tokenizer import TokenizerConfig
+from snce.tokenizer import TokenizerConfig, TokenizerRunConfig
 from snce.train import TrainConfig
 from snce.train.generator import SampleConfig
 
@@ -67,7 +67,7 @@ def _train(**kw) -> TrainConfig:
 class StudyTokenizer(Config):
     """How every tokenizer of the study is trained; a setting's ``quantizer`` and K are merged in per run."""
 
-    model: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(in_channels=1))  # grey digits
     loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
     train: TrainConfig = field(default_factory=lambda: _train(steps=500, batch_size=64, lr=1e-3))
 
@@ -260,12 +260,41 @@ class StudyConfig(Config):
                 f"(name, K, family, arm) {repeated[0]} is planned by two settings; keep one",
             )
 
+        self.check_tokenizers()
         if self.eval.every > self.generator.train.steps:
             raise ConfigError(
                 "eval.every",
                 f"{self.eval.every} is more than generator.train.steps ({self.generator.train.steps}): runs "
                 "would be measured once; the protocol wants >= 8 evaluations per run",
             )
+
+    def tokenizer_run(self, setting: StudySetting, K: int, out_dir: str = "") -> TokenizerRunConfig:
+        """The tokenizer run of (setting, K): the study's tokenizer settings with this setting's quantizer."""
+        t = self.tokenizer
+        quantizer = {**setting.quantizer_config(t.model.quantizer), "codebook_size": K}
+        model = replace(t.model, quantizer=quantizer)
+        train = replace(t.train, out_dir=out_dir or t.train.out_dir, seed=self.seed, device=self.device)
+        return TokenizerRunConfig(data=self.data, model=model, loss=t.loss, train=train)
+
+    def check_tokenizers(self) -> None:
+        """Every tokenizer's run checks (data channels and size vs the model) and quantizer options, before any
+        work: a bad value stops here, naming the key, not after the first tokenizer has trained."""
+        from snce.quantize import build_quantizer
+
+        for setting in self.settings:
+            for K in setting.codebook_sizes:
+                run = self.tokenizer_run(setting, K)
+                try:
+                    run.check()
+                except ConfigError as e:
+                    key = e.key if e.key.startswith("data.") else f"tokenizer.{e.key}"
+                    raise ConfigError(key, e.message) from None
+                q = {"dim": run.model.latent_channels, **run.model.quantizer}
+                try:
+                    build_quantizer(q)
+                except (TypeError, ValueError) as e:
+                    where = "tokenizer.model.quantizer" if "kind" not in setting.quantizer else "settings"
+                    raise ConfigError(where, f"quantizer {q} of setting {setting.name!r}: {e}") from None
 
     def evaluations(self) -> int:
         """Evaluations per run: every ``eval.every`` steps (the last step is always one)."""

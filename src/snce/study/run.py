@@ -47,7 +47,6 @@ from snce.quantize import codebook_health
 from snce.study.config import StudyConfig, StudySetting, arm_tau_scale
 from snce.tokenizer import (
     Tokenizer,
-    TokenizerRunConfig,
     evaluate_tokenizer,
     tokenize_dataset,
     train_tokenizer,
@@ -193,13 +192,8 @@ def prepare_tokenizer(
 ) -> dict:
     """Train (or reuse, or resume) the tokenizer of (setting, K), tokenize the train and test splits, and
     measure what the study needs from it; returns (and stores in ``study.json``) those numbers."""
-    out = Path(cfg.out_dir)
-    run_dir = tokenizer_dir(out, setting.name, K)
-    t = cfg.tokenizer
-    quantizer = {**setting.quantizer_config(t.model.quantizer), "codebook_size": K}
-    model = replace(t.model, quantizer=quantizer)
-    train = replace(t.train, out_dir=str(run_dir), seed=cfg.seed, device=cfg.device)
-    run_cfg = TokenizerRunConfig(data=cfg.data, model=model, loss=t.loss, train=train)
+    run_dir = tokenizer_dir(Path(cfg.out_dir), setting.name, K)
+    run_cfg = cfg.tokenizer_run(setting, K, str(run_dir))
     if is_main:
         check_spec(run_dir, run_cfg.to_dict())
     barrier()

@@ -52,7 +52,7 @@ class TokenizerRunConfig(Config):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/tokenizer"))
 
     def check(self) -> None:
-        channels = self.data.channels or (1 if self.data.kind == "digits" else 3)
+        channels = self.data.image_channels
         if self.model.in_channels != channels:
             raise ConfigError(
                 "model.in_channels",
