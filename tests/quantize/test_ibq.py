@@ -123,3 +123,18 @@ def test_plain_vq_gradient_only_reaches_selected_codes(metric):
     selected = torch.zeros(512, dtype=torch.bool)
     selected[out.indices.unique()] = True
     assert torch.equal(has_grad, selected)
+
+
+def test_without_autograd_codes_are_the_argmax_and_the_loss_the_squared_errors():
+    """Tokenizing (no_grad): same codes as the dense reference, loss 2.25 mse, no entropy passes."""
+    q = IBQuantizer(8, 64, beta=0.25).eval()
+    z = torch.randn(3, 10, 8)
+    zf = z.reshape(-1, 8)
+    with torch.no_grad():
+        out = q(z)
+    _, want_indices = dense_index_backprop(zf, q.embed)
+    assert torch.equal(out.indices.reshape(-1), want_indices)
+    mse = (q.embed[want_indices] - zf).square().mean()
+    torch.testing.assert_close(out.loss, 2.25 * mse, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.quantized.reshape(-1, 8), q.embed.detach()[want_indices])
+    assert "sample_entropy" not in out.stats

@@ -18,6 +18,10 @@ the soft part only injects gradient, so both soft paths are custom autograd func
 (rows x codes) blocks of at most ``max_block_bytes`` in the forward and recompute them in the backward:
 only O(N + K) statistics and a handful of blocks are alive. ``chunked=False`` runs the dense formulation
 (:func:`dense_index_backprop`, :func:`dense_entropy_terms`), the readable reference the tests compare with.
+
+Without autograd (tokenizing, evaluating) nothing needs the softmax: the codes are a plain argmax search
+and the loss is the three squared errors, all equal to mean((E[k*] - z)^2) in value; the entropy
+regulariser, a training-time term over the batch, is left out.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from snce.quantize.base import Quantizer, check_nonnegative, check_positive_int
-from snce.quantize.search import code_blocks
+from snce.quantize.search import code_blocks, nearest_code
 
 IBQ_BLOCK_BYTES = 32 * 2**20
 # exp() below this underflows to float32 denormals, which are ~10x slower on CPUs; such p are set to 0.
@@ -94,6 +98,8 @@ class IBQuantizer(Quantizer):
 
     def quantize(self, z):
         E = self.embed
+        if not torch.is_grad_enabled():
+            return self._assign(z)
         if self.chunked:
             row_max, indices, log_sum = softmax_stats(
                 z.detach(), E.detach(), 1.0, self.max_block_bytes
@@ -128,9 +134,20 @@ class IBQuantizer(Quantizer):
                 float(sample_h.detach()),
                 float(batch_h.detach()),
             )
-        norms = E.detach().norm(dim=1)
-        stats["code_norm_mean"], stats["code_norm_max"] = float(norms.mean()), float(norms.max())
-        return zq, indices, loss, stats
+        return zq, indices, loss, stats | self._norm_stats()
+
+    def _assign(self, z):
+        """No-autograd path: codes by argmax z.e_k, loss (1 + w_cm + w_cb) * mean((E[k*] - z)^2)."""
+        indices = nearest_code(z, self.embed, "dot", max_block_bytes=self.max_block_bytes)
+        zq = F.embedding(indices, self.embed).to(z.dtype)
+        mse = F.mse_loss(zq, z)
+        w_commit, w_codebook = (1.0, self.beta) if self.beta_on == "codebook" else (self.beta, 1.0)
+        stats = {"index_loss": float(mse), "commitment": float(mse), "codebook_loss": float(mse)}
+        return zq, indices, (1.0 + w_commit + w_codebook) * mse, stats | self._norm_stats()
+
+    def _norm_stats(self) -> dict:
+        norms = self.embed.detach().norm(dim=1)
+        return {"code_norm_mean": float(norms.mean()), "code_norm_max": float(norms.max())}
 
 
 def dense_index_backprop(
