@@ -189,3 +189,22 @@ def test_image_folder_file_that_fails_only_on_decode(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ds[3]  # reported once only
+
+
+def test_sixteen_bit_grey_pngs_keep_their_grey_levels(tmp_path):
+    """16-bit greys scale by 65,535 (not clipped at 255): a mid grey stays mid grey, as with 8 bits."""
+    for name, level16 in (("dark", 8192), ("mid", 32768), ("light", 57344)):
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.full((8, 12), level16, dtype=np.uint16)).save(tmp_path / name / "a.png")
+        with Image.open(tmp_path / name / "a.png") as img:
+            assert img.mode.startswith("I")  # Pillow's 16-bit grey
+    ds = ImageFolder(tmp_path, size=4, channels=1)
+    for i, name in enumerate(ds.class_names):
+        want = {"dark": 8192, "mid": 32768, "light": 57344}[name] / 65535 * 2 - 1
+        torch.testing.assert_close(ds[i][0], torch.full((1, 4, 4), want), atol=1e-4, rtol=0)
+    eight_bit = tmp_path / "eight.png"
+    Image.fromarray(np.full((8, 8), 128, dtype=np.uint8)).save(eight_bit)
+    from snce.data.images import load_square
+
+    with Image.open(eight_bit) as img:
+        torch.testing.assert_close(load_square(img, 4), torch.full((3, 4, 4), 128 / 127.5 - 1))

@@ -112,19 +112,37 @@ def _held_out(
     return idx[part == {"train": 0, "test": 1, "val": 2}[split]]
 
 
-def _to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """(C, H, W) with C in {1, 3} -> ``channels`` channels (grey by ITU-R 601 luma, or replicated)."""
-    if x.shape[0] == channels:
+def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """(..., C, H, W) with C in {1, 3} -> ``channels`` channels (grey by ITU-R 601 luma, or replicated)."""
+    if x.shape[-3] == channels:
         return x
     if channels == 1:
-        return (x * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
-    return x.expand(3, -1, -1).clone()
+        return (x * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(-3, keepdim=True)
+    return x.expand(*x.shape[:-3], 3, *x.shape[-2:]).clone()
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float32 in [-1, 1]."""
     arr = np.asarray(img.convert("RGB"), dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+# Pillow modes deeper than 8 bits per channel, and the value of full white in each.
+HIGH_DEPTH_WHITE = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I": 65535.0, "F": 1.0}
+
+
+def load_square(img: Image.Image, size: int) -> torch.Tensor:
+    """Any PIL image -> centre square resized to ``size``: (3, size, size) float32 in [-1, 1].
+
+    8-bit modes go through RGB. 16-bit greys (PNG opens as "I;16" or "I") and float greys ("F") keep their
+    depth: scaled by their white (65535, 1.0) and resized in float, as ``convert("RGB")`` would clip them.
+    """
+    white = HIGH_DEPTH_WHITE.get(img.mode)
+    if white is None:
+        return pil_to_tensor(center_square(img.convert("RGB"), size))
+    grey = Image.fromarray(np.asarray(img, dtype=np.float32) / white)  # mode "F", [0, 1]
+    arr = np.asarray(center_square(grey, size), dtype=np.float32).clip(0.0, 1.0)
+    return torch.from_numpy(arr * 2.0 - 1.0).expand(3, -1, -1).clone()
 
 
 def center_square(img: Image.Image, size: int) -> Image.Image:
@@ -299,7 +317,7 @@ class Photos(Dataset):
         crop = crop.resize((self.size, self.size), Image.BICUBIC, reducing_gap=3.0)
         if rng.random() < 0.5:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-        return _to_channels(pil_to_tensor(crop), self.channels), label
+        return to_channels(pil_to_tensor(crop), self.channels), label
 
 
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -364,7 +382,7 @@ class Shapes(Dataset):
         background = rng.uniform(0.0, 0.35)
         img = cover * rgb + (1 - cover) * background  # (3, S, S) in [0, 1]
         x = torch.from_numpy(img.astype(np.float32)) * 2 - 1
-        return _to_channels(x, self.channels), label
+        return to_channels(x, self.channels), label
 
 
 class ImageFolder(Dataset):
@@ -415,8 +433,8 @@ class ImageFolder(Dataset):
             path, label = self.items[(i + j) % len(self.items)]
             try:
                 with Image.open(path) as img:
-                    x = pil_to_tensor(center_square(img.convert("RGB"), self.size))
-                return _to_channels(x, self.channels), label
+                    x = load_square(img, self.size)
+                return to_channels(x, self.channels), label
             except (OSError, UnidentifiedImageError, ValueError) as e:
                 if path not in self._reported:
                     self._reported.add(path)

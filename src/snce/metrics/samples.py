@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from snce.data import DataConfig, build_dataset
-from snce.data.images import IMAGE_EXTENSIONS, center_square, pil_to_tensor
+from snce.data.images import IMAGE_EXTENSIONS, load_square, to_channels
 from snce.metrics.image import ImageEvaluator, feature_network
 from snce.metrics.tokens import code_statistics
 
@@ -31,7 +31,7 @@ def load_samples(path: str | os.PathLike, size: int, channels: int) -> tuple[tor
             raise ValueError(
                 f"samples: {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
             )
-        images = torch.stack([pil_to_tensor(center_square(Image.open(f), size)) for f in files])
+        images = torch.stack([_load_file(f, size) for f in files])
     elif path.suffix == ".npz" and path.is_file():
         with np.load(path) as npz:
             if "images" not in npz:
@@ -51,9 +51,12 @@ def load_samples(path: str | os.PathLike, size: int, channels: int) -> tuple[tor
             )
     else:
         raise ValueError(f"samples: expected an .npz file or a folder of images, got {str(path)!r}")
-    if images.shape[1] != channels:
-        images = images.mean(1, keepdim=True) if channels == 1 else images.expand(-1, 3, -1, -1)
-    return images.clamp(-1, 1), extras
+    return to_channels(images, channels).clamp(-1, 1), extras
+
+
+def _load_file(path: Path, size: int) -> torch.Tensor:
+    with Image.open(path) as img:
+        return load_square(img, size)
 
 
 def evaluate_samples(
