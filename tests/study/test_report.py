@@ -5,12 +5,13 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from snce.config import ConfigError
 from snce.study import SettingsChanged, StudyConfig, analyse, load_study_config
 from snce.study.config import arm_tau_scale
 from snce.study.report import verdict_paragraph
-from snce.study.run import arm_loss, check_spec, plan_runs
+from snce.study.run import arm_loss, check_spec, class_sweep, plan_runs
 
 
 def _run(arm, seed, fids, val_fid=None, setting="vq", K=256, family="autoregressive", tau=0.1):
@@ -141,8 +142,10 @@ def test_config_errors_name_the_key(tmp_path):
         ("loss:\n  arms: [ce, snce_tau1x]\n", "loss.arms"),  # that is 'snce'
         ("data: {name: photos}\n", "tokenizer.model.in_channels"),  # RGB images, a grey tokenizer
         ("data: {size: 18}\n", "data.size"),  # not a multiple of the tokenizer's downsampling
-        ("tokenizer: {model: {in_channels: 1, quantizer: {kind: vq, metric: manhattan}}}\n",
-         "tokenizer.model.quantizer"),
+        (
+            "tokenizer: {model: {in_channels: 1, quantizer: {kind: vq, metric: manhattan}}}\n",
+            "tokenizer.model.quantizer",
+        ),
         ("settings:\n  - {name: i, quantizer: {kind: ibq, codebook_sizee: 9}}\n", "settings"),
         ("eval: {every: 500}\ngenerator: {train: {steps: 400}}\n", "eval.every"),
     ]:
@@ -155,7 +158,11 @@ def test_config_errors_survive_a_worker_process():
     import pickle
 
     error = pickle.loads(pickle.dumps(ConfigError("eval.every", "must be >= 1")))
-    assert isinstance(error, ConfigError) and error.key == "eval.every" and "must be >= 1" in str(error)
+    assert (
+        isinstance(error, ConfigError)
+        and error.key == "eval.every"
+        and "must be >= 1" in str(error)
+    )
 
 
 def test_results_made_with_other_settings_are_never_reused(tmp_path):
@@ -199,3 +206,24 @@ def test_demo_and_full_configs_meet_the_issue():
         "vq",
         "ibq",
     }
+
+
+class _Labelled(torch.utils.data.Dataset):
+    """Images whose single pixel value is their index; labels sorted by class (as a class-per-folder split)."""
+
+    def __init__(self, labels, num_classes):
+        self.labels, self.num_classes = labels, num_classes
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return torch.full((1, 1, 1), float(i)), self.labels[i]
+
+
+def test_real_image_panel_sweeps_the_classes_like_the_samples():
+    """Item i of the real panel is of class i % C, as the generated samples are; class 2 has no image."""
+    labels = [0] * 30 + [1] * 3 + [3] * 2  # sorted by class, as a folder's test split is
+    got = class_sweep(_Labelled(labels, 4), 10).flatten().tolist()
+    # index of: class 0 #0, class 1 #0, class 2 (none), class 3 #0, class 0 #1, 1 #1, -, 3 #1, 0 #2, 1 #2
+    assert got == [0, 30, -1, 33, 1, 31, -1, 34, 2, 32]

@@ -109,6 +109,20 @@ def evenly_spaced(dataset, n: int | None = None) -> tuple[torch.Tensor, torch.Te
     return torch.stack(images), torch.as_tensor(labels)
 
 
+def class_sweep(dataset, n: int) -> torch.Tensor:
+    """``n`` images of ``dataset`` laid out as the study's samples are: item i is of class i % num_classes (the
+    class's (i // num_classes)-th image), so a 10-wide grid of 10 classes shows one class per column. A class
+    with no image in the split leaves a black tile."""
+    images, labels = evenly_spaced(dataset)
+    C = dataset.num_classes
+    tiles = []
+    for i in range(n):
+        of_class = (labels == i % C).nonzero().flatten()
+        blank = torch.full_like(images[0], -1.0)
+        tiles.append(images[of_class[(i // C) % len(of_class)]] if len(of_class) else blank)
+    return torch.stack(tiles)
+
+
 # ------------------------------------------------------------------------------------------ measuring
 
 
@@ -617,7 +631,7 @@ def run_study(cfg: StudyConfig, *, progress: bool = True) -> dict | None:
     runs = run_all(run_generator, run_tasks, workers, "generator runs", progress and is_main)
     if not is_main:
         return None
-    test_images = evenly_spaced(build_dataset(cfg.data, split="test"), cfg.eval.grid_samples)[0]
+    test_images = class_sweep(build_dataset(cfg.data, split="test"), cfg.eval.grid_samples)
     results = {
         "config": cfg.to_dict(),
         "floors": floors,
