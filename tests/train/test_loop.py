@@ -191,3 +191,50 @@ def test_ranks_split_the_single_process_batches():
     assert list(sampler) == ranks[1][2:] and len(sampler) == len(ranks[1]) - 2
     sampler.set_position(epoch=1, start=0)
     assert list(sampler) != ranks[1]  # a new permutation each epoch
+
+
+class TinyQuantized(nn.Module):
+    """A projection then a 16-code VQ whose usage window (10 batches) spans the resume point."""
+
+    def __init__(self):
+        super().__init__()
+        from snce.quantize import VectorQuantizer
+
+        torch.manual_seed(0)
+        self.proj = nn.Linear(36, 8)
+        self.quantizer = VectorQuantizer(2, 16, usage_window=10)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        out = self.quantizer(self.proj(x.flatten(1)).view(-1, 4, 2))
+        return self.head(out.quantized.flatten(1)), out
+
+
+def quantized_loss(model, batch, step):
+    x, y = batch
+    pred, out = model(x)
+    return ((pred - y) ** 2).mean() + out.loss, {"usage": out.stats["usage"]}
+
+
+def test_resume_reports_the_same_codebook_usage(tmp_path):
+    """The usage window is part of the checkpoint: logged usage after a resume equals the uninterrupted run's."""
+    cfg = dict(ema_decay=None, grad_accum=1, batch_size=2, steps=8, ckpt_every=4)
+    Trainer(
+        TinyQuantized(), quantized_loss, tiny_dataset(), make_cfg(tmp_path / "full", **cfg)
+    ).fit()
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(
+            TinyQuantized(), quantized_loss, tiny_dataset(), make_cfg(tmp_path / "cut", **cfg),
+            callbacks=[Kill(5)],
+        ).fit()  # fmt: skip
+    Trainer(
+        TinyQuantized(), quantized_loss, tiny_dataset(), make_cfg(tmp_path / "cut", **cfg), resume=True
+    ).fit()  # fmt: skip
+
+    def usage(run):
+        lines = (tmp_path / run / "log.jsonl").read_text().splitlines()
+        return {(r := json.loads(line))["step"]: r["usage"] for line in lines}
+
+    full, cut = usage("full"), usage("cut")
+    assert sorted(full) == list(range(1, 9)) and all(cut[s] == full[s] for s in range(5, 9))
+    assert full[8] > full[1]  # the window holds more than one batch: the test would see a reset

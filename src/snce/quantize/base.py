@@ -103,6 +103,17 @@ class UsageTracker:
         self.batches.clear()
         self.counts = torch.zeros(self.codebook_size, dtype=torch.long, device=device)
 
+    def state_dict(self) -> dict:
+        """The window's batches (CPU tensors): what a resumed run needs to report the same usage."""
+        return {"batches": [used.cpu() for used in self.batches]}
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        self.reset(device)
+        for used in state["batches"][-self.window :]:
+            used = used.to(device)
+            self.batches.append(used)
+            self.counts.index_add_(0, used, torch.ones_like(used))
+
 
 class Quantizer(nn.Module):
     """Base class: input checks, layout handling, usage statistics and ``lookup``.
@@ -130,6 +141,13 @@ class Quantizer(nn.Module):
         self.metric = check_metric(metric)
         self._config = {"kind": self.kind, **config, "usage_window": usage_window}
         self.usage_tracker = UsageTracker(codebook_size, usage_window)
+
+    def training_state(self) -> dict:
+        """State that is not a weight but that a resumed training run needs (the usage window)."""
+        return {"usage": self.usage_tracker.state_dict()}
+
+    def load_training_state(self, state: dict) -> None:
+        self.usage_tracker.load_state_dict(state["usage"], self.codebook.device)
 
     @property
     def config(self) -> dict:

@@ -186,6 +186,22 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def training_states(model: nn.Module) -> dict[str, dict]:
+    """``training_state()`` of every submodule that has one (e.g. a quantizer's usage window), by name."""
+    return {
+        name: m.training_state()
+        for name, m in model.named_modules()
+        if hasattr(m, "training_state")
+    }
+
+
+def load_training_states(model: nn.Module, states: dict[str, dict]) -> None:
+    modules = dict(model.named_modules())
+    for name, state in states.items():
+        if name in modules:
+            modules[name].load_training_state(state)
+
+
 def to_device(batch, device: torch.device):
     """Move the tensors of a (nested) batch to ``device``."""
     if torch.is_tensor(batch):
@@ -298,11 +314,14 @@ class Trainer:
                     )
                 for name, value in ema.items():
                     self.ema[name].copy_(value)
-            rngs = state["rng"]
-            if len(rngs) == self.dist.world_size:
+            rngs, modules = state["rng"], state.get("modules")
+            same_world = len(rngs) == self.dist.world_size
+            if same_world:
                 set_rng_state(rngs[self.dist.rank])
             else:  # a different world size cannot continue the same random streams
                 torch.manual_seed(self.cfg.seed + 7919 * self.dist.rank + self.step)
+            if modules is not None:
+                load_training_states(self.model, modules[self.dist.rank if same_world else 0])
             return
         if ckpt is not None:
             raise FileExistsError(
@@ -313,14 +332,20 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (collective under DDP; rank 0 writes)."""
-        rngs = [None] * self.dist.world_size
+        local = (rng_state(), training_states(self.model))
+        per_rank = [None] * self.dist.world_size
         if self.dist.distributed:
-            dist.all_gather_object(rngs, rng_state())
+            dist.all_gather_object(per_rank, local)
         else:
-            rngs = [rng_state()]
+            per_rank = [local]
         path = None
         if self.dist.is_main:
-            state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "rng": rngs}
+            state = {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "rng": [rng for rng, _ in per_rank],
+                "modules": [modules for _, modules in per_rank],
+            }
             path = save_checkpoint(
                 self.out_dir,
                 self.step,
