@@ -4,6 +4,10 @@ Each command group is registered by one ``add_<group>_commands(subparsers)`` fun
 ``COMMAND_GROUPS``; its handlers take the parsed ``args`` and import what they need lazily, so
 ``snce --help`` stays fast. To add a group, write such a function and append it to ``COMMAND_GROUPS``.
 Run settings live in config dataclasses (``--config FILE`` then ``--set key.sub=value``), not in flags.
+
+Errors a user can cause (config, data, files, checkpoints: ``ValueError`` and its subclasses such as
+``ConfigError``, missing or existing files) end the command with one line on stderr and exit code 2;
+``--debug`` anywhere on the command line shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from snce.config import ConfigError
@@ -179,11 +184,7 @@ def generator_train(args) -> int:
     from snce.train.generator import GeneratorRunConfig, train_generator
 
     cfg = load_config(GeneratorRunConfig, args.config, args.overrides)
-    try:
-        model = train_generator(cfg, resume=args.resume)
-    except ValueError as e:  # inputs that do not fit together (tokenizer hash, latents, classes)
-        print(f"snce: error: {e}", file=sys.stderr)
-        return 2
+    model = train_generator(cfg, resume=args.resume)
     if model is not None:
         print(f"generator ({model.num_params():,} parameters) saved to {Path(cfg.train.out_dir) / 'generator'}")
     return 0
@@ -203,35 +204,31 @@ def sample_command(args) -> int:
     for path in (args.out, args.npz):
         if path and Path(path).exists() and not args.overwrite:
             raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    try:
-        device = resolve_device(args.device)
-        model, tokenizer, run = load_for_sampling(args.checkpoint, args.tokenizer, device)
-        data = dict(run.get("sample", {}))
-        if args.cfg is not None:
-            data["cfg_scale"] = args.cfg
-        for item in args.overrides:
-            apply_override(data, SampleConfig, *parse_override(item))
-        settings = SampleConfig.from_dict(data)
-        n_cls = model.config.num_classes
-        classes = None
-        if n_cls > 0:
-            base = torch.tensor(args.classes) if args.classes else torch.arange(n_cls)
-            model.check_classes(base)
-            classes = base.repeat(-(-(args.num or len(base)) // len(base)))[: args.num or len(base)]
-        elif args.classes:
-            raise ValueError("--classes given, but the generator is unconditional (num_classes=0)")
-        if settings.cfg_scale is not None and n_cls == 0:
-            raise ValueError("--cfg needs a class-conditional generator; this one has num_classes=0")
-        if args.out and tokenizer is None:
-            raise ValueError("--out needs a tokenizer to decode the samples (--tokenizer DIR)")
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        tokens, images = sample_images(
-            model, tokenizer, classes, settings, num_samples=args.num or 16, batch_size=args.batch_size,
-            generator=gen,
-        )  # fmt: skip
-    except ValueError as e:
-        print(f"snce: error: {e}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device)
+    model, tokenizer, run = load_for_sampling(args.checkpoint, args.tokenizer, device)
+    data = dict(run.get("sample", {}))
+    if args.cfg is not None:
+        data["cfg_scale"] = args.cfg
+    for item in args.overrides:
+        apply_override(data, SampleConfig, *parse_override(item))
+    settings = SampleConfig.from_dict(data)
+    n_cls = model.config.num_classes
+    classes = None
+    if n_cls > 0:
+        base = torch.tensor(args.classes) if args.classes else torch.arange(n_cls)
+        model.check_classes(base)
+        classes = base.repeat(-(-(args.num or len(base)) // len(base)))[: args.num or len(base)]
+    elif args.classes:
+        raise ValueError("--classes given, but the generator is unconditional (num_classes=0)")
+    if settings.cfg_scale is not None and n_cls == 0:
+        raise ValueError("--cfg needs a class-conditional generator; this one has num_classes=0")
+    if args.out and tokenizer is None:
+        raise ValueError("--out needs a tokenizer to decode the samples (--tokenizer DIR)")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    tokens, images = sample_images(
+        model, tokenizer, classes, settings, num_samples=args.num or 16, batch_size=args.batch_size,
+        generator=gen,
+    )  # fmt: skip
     if args.out:
         save_image_grid(images, args.out, nrow=len(args.classes) if args.classes else None, scale=4)
         print(f"wrote {len(tokens)} samples to {args.out}")
@@ -282,14 +279,10 @@ def add_study_commands(sub) -> None:
 
 
 def study_command(args) -> int:
-    from snce.study import SettingsChanged, load_study_config, run_study
+    from snce.study import load_study_config, run_study
 
     cfg = load_study_config(args.config, args.overrides, quick=args.quick)
-    try:
-        results = run_study(cfg)
-    except SettingsChanged as e:
-        print(f"snce: error: {e}", file=sys.stderr)
-        return 2
+    results = run_study(cfg)
     if results is not None:  # rank 0
         out = Path(cfg.out_dir)
         print(f"report: {out / 'report.md'}; numbers: {out / 'results.json'}; figures: {out / 'plots'}")
@@ -303,38 +296,34 @@ def eval_command(args) -> int:
     from snce.tokenizer import load_data_config
 
     cache = args.cache_dir or DEFAULT_CACHE
-    try:
-        if args.checkpoint:
-            from snce.train.distributed import resolve_device
-            from snce.train.generator import SampleConfig, load_for_sampling, sample_images
+    if args.checkpoint:
+        from snce.train.distributed import resolve_device
+        from snce.train.generator import SampleConfig, load_for_sampling, sample_images
 
-            device = resolve_device(args.device)
-            model, tokenizer, run = load_for_sampling(args.checkpoint, None, device)
-            if tokenizer is None:
-                raise ValueError(f"{args.checkpoint} records no tokenizer to decode its samples")
-            data = load_data_config(run["tokenizer"], args.overrides)
-            n_cls = model.config.num_classes
-            labels = torch.arange(args.num) % n_cls if n_cls else None
-            gen = torch.Generator(device=device).manual_seed(args.seed)
-            settings = SampleConfig.from_dict(run.get("sample", {}))
-            tokens, images = sample_images(
-                model, tokenizer, labels, settings, num_samples=args.num, batch_size=256, generator=gen
-            )
-            metrics = evaluate_samples(
-                images, data, labels=labels, tokens=tokens, codebook_size=model.config.vocab_size,
-                inception_weights=args.inception_weights, cache_dir=cache, seed=args.seed,
-            )  # fmt: skip
-        else:
-            data = load_data_config(args.samples, args.overrides)  # defaults (digits) + --set data.*
-            channels = data.image_channels
-            images, extras = load_samples(args.samples, data.size, channels)
-            metrics = evaluate_samples(
-                images, data, labels=extras.get("labels"), inception_weights=args.inception_weights,
-                cache_dir=cache, seed=args.seed,
-            )  # fmt: skip
-    except ValueError as e:
-        print(f"snce: error: {e}", file=sys.stderr)
-        return 2
+        device = resolve_device(args.device)
+        model, tokenizer, run = load_for_sampling(args.checkpoint, None, device)
+        if tokenizer is None:
+            raise ValueError(f"{args.checkpoint} records no tokenizer to decode its samples")
+        data = load_data_config(run["tokenizer"], args.overrides)
+        n_cls = model.config.num_classes
+        labels = torch.arange(args.num) % n_cls if n_cls else None
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        settings = SampleConfig.from_dict(run.get("sample", {}))
+        tokens, images = sample_images(
+            model, tokenizer, labels, settings, num_samples=args.num, batch_size=256, generator=gen
+        )
+        metrics = evaluate_samples(
+            images, data, labels=labels, tokens=tokens, codebook_size=model.config.vocab_size,
+            inception_weights=args.inception_weights, cache_dir=cache, seed=args.seed,
+        )  # fmt: skip
+    else:
+        data = load_data_config(args.samples, args.overrides)  # defaults (digits) + --set data.*
+        channels = data.image_channels
+        images, extras = load_samples(args.samples, data.size, channels)
+        metrics = evaluate_samples(
+            images, data, labels=extras.get("labels"), inception_weights=args.inception_weights,
+            cache_dir=cache, seed=args.seed,
+        )  # fmt: skip
     print(json.dumps(metrics, indent=2))
     if args.out:
         from snce.config import atomic_write_text
@@ -358,13 +347,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user can cause: bad config values (ConfigError), data, inputs that do not fit together, damaged files
+# (all ValueError), and files that are missing, already there, or of the wrong kind.
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    if not debug:
+        warnings.formatwarning = _one_line_warning
     try:
         return args.func(args)
-    except (ConfigError, FileExistsError, FileNotFoundError) as e:
-        print(f"snce: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"snce: error: {_one_line(str(e))} (--debug shows where)", file=sys.stderr)
         return 2
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"snce: warning: {_one_line(str(message))}\n"
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from snce.config import atomic_write_text
+from snce.files import verified
 
 FORMAT = "snce-token-shards/1"
 MANIFEST = "manifest.json"
@@ -167,7 +168,8 @@ class TokenShards(Dataset):
             path = self.dir / shard["file"]
             if not path.is_file():
                 raise FileNotFoundError(f"shard {path} listed in the manifest is missing")
-            tensors = load_file(str(path))
+            with verified(path):
+                tensors = load_file(str(path))
             if tensors["indices"].shape[0] != shard["count"]:
                 raise ValueError(
                     f"shard {path} holds {tensors['indices'].shape[0]} samples, manifest says {shard['count']}"

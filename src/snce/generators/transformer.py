@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from snce.files import check_file, record_checksums, verified
+
 # Named sizes: (n_layers, dim, n_heads). B and L are LlamaGen's GPT-B (111M) and GPT-L (343M) at 16,384 codes.
 PRESETS: dict[str, dict] = {
     "tiny": dict(n_layers=4, dim=128, n_heads=4),  # ~1M parameters + embeddings: a minute on a CPU
@@ -375,6 +377,7 @@ class GeneratorModel(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         _atomic_write(weights, lambda p: save_file(state, str(p)))
         _atomic_write(config, lambda p: p.write_text(json.dumps(self.config.to_dict(), indent=2)))
+        record_checksums(directory, [weights.name, config.name])
         return directory
 
     @classmethod
@@ -385,10 +388,10 @@ class GeneratorModel(nn.Module):
         config_path = directory / "config.json"
         if not config_path.exists():
             raise FileNotFoundError(f"no config.json in {directory}: not a saved generator")
+        check_file(config_path)
         model = cls(cls.config_class.from_dict(json.loads(config_path.read_text())))
-        model.load_state_dict(
-            load_file(str(directory / "model.safetensors"), device=str(map_location))
-        )
+        with verified(directory / "model.safetensors") as weights:
+            model.load_state_dict(load_file(str(weights), device=str(map_location)))
         return model
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from snce.files import DamagedFileError, verified
 
 
 @dataclass
@@ -188,7 +191,7 @@ def load_or_train_domain_classifier(
     The file is written atomically (temporary file, then ``os.replace``); its metadata holds the config and
     the held-out accuracy, which is returned with the model.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     key = f"domain-{dataset}-seed{seed}-{data_fingerprint(images, labels)}"
     if train_kwargs:
@@ -197,13 +200,10 @@ def load_or_train_domain_classifier(
         )
     path = Path(cache_dir) / f"{key}.safetensors"
     if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        model = DomainClassifier(DomainClassifierConfig(**json.loads(meta["config"])))
-        model.load_state_dict(load_file(str(path)))
-        return model.eval().requires_grad_(False), float(meta["heldout_accuracy"])
+        try:
+            return _load_cached(path)
+        except DamagedFileError as e:
+            warnings.warn(f"{e}; training the domain classifier again", stacklevel=2)
     model, acc = train_domain_classifier(
         images, labels, seed=seed, progress=progress, **train_kwargs
     )
@@ -213,3 +213,15 @@ def load_or_train_domain_classifier(
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
     os.replace(tmp, path)
     return model, acc
+
+
+def _load_cached(path: Path) -> tuple[DomainClassifier, float]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with verified(path):
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        model = DomainClassifier(DomainClassifierConfig(**json.loads(meta["config"])))
+        model.load_state_dict(load_file(str(path)))
+    return model.eval().requires_grad_(False), float(meta["heldout_accuracy"])

@@ -4,6 +4,8 @@ Every quantizer returns a :class:`QuantizerOutput` and exposes ``codebook`` / ``
 it assigns with) and ``config`` (a JSON-able dict that :func:`build_quantizer` turns back into a quantizer).
 """
 
+import torch
+
 from snce.quantize.base import (
     Quantizer,
     QuantizerOutput,
@@ -45,6 +47,19 @@ def build_quantizer(config: dict) -> Quantizer:
     return QUANTIZERS[kind](**kwargs)
 
 
+def check_quantizer_config(config: dict) -> None:
+    """Raise the TypeError / ValueError that ``build_quantizer(config)`` would, without allocating a codebook:
+    the quantizer is built on the meta device (on the CPU when its constructor computes on its tensors)."""
+    try:
+        with torch.device("meta"):
+            build_quantizer(config)
+        return
+    except (NotImplementedError, RuntimeError) as e:
+        if "meta" not in str(e):
+            raise
+    build_quantizer(config)
+
+
 __all__ = [
     "FVQuantizer",
     "IBQuantizer",
@@ -58,6 +73,7 @@ __all__ = [
     "VQBridge",
     "VectorQuantizer",
     "build_quantizer",
+    "check_quantizer_config",
     "code_blocks",
     "codebook_health",
     "codebook_usage",

@@ -21,7 +21,7 @@ sampling noise, so arms are compared paired by seed. The arms:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -64,10 +64,21 @@ def _train(**kw) -> TrainConfig:
 
 
 @dataclass
+class StudyTokenizerModel(TokenizerConfig):
+    """A tokenizer model whose quantizer gets its K (and maybe its kind) from each setting: the quantizer
+    options are checked per (setting, K), in :meth:`StudyConfig.check_tokenizers`."""
+
+    def check_quantizer(self) -> None:
+        pass
+
+
+@dataclass
 class StudyTokenizer(Config):
     """How every tokenizer of the study is trained; a setting's ``quantizer`` and K are merged in per run."""
 
-    model: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(in_channels=1))  # grey digits
+    model: StudyTokenizerModel = field(
+        default_factory=lambda: StudyTokenizerModel(in_channels=1)
+    )  # grey
     loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
     train: TrainConfig = field(default_factory=lambda: _train(steps=500, batch_size=64, lr=1e-3))
 
@@ -272,29 +283,28 @@ class StudyConfig(Config):
         """The tokenizer run of (setting, K): the study's tokenizer settings with this setting's quantizer."""
         t = self.tokenizer
         quantizer = {**setting.quantizer_config(t.model.quantizer), "codebook_size": K}
-        model = replace(t.model, quantizer=quantizer)
-        train = replace(t.train, out_dir=out_dir or t.train.out_dir, seed=self.seed, device=self.device)
+        model = TokenizerConfig(**{**asdict(t.model), "quantizer": quantizer})
+        train = replace(
+            t.train, out_dir=out_dir or t.train.out_dir, seed=self.seed, device=self.device
+        )
         return TokenizerRunConfig(data=self.data, model=model, loss=t.loss, train=train)
 
     def check_tokenizers(self) -> None:
         """Every tokenizer's run checks (data channels and size vs the model) and quantizer options, before any
         work: a bad value stops here, naming the key, not after the first tokenizer has trained."""
-        from snce.quantize import build_quantizer
-
         for setting in self.settings:
             for K in setting.codebook_sizes:
                 run = self.tokenizer_run(setting, K)
-                try:
-                    run.check()
+                try:  # validated as `snce tokenizer train` would validate it: model, quantizer, data
+                    type(run).from_dict(run.to_dict())
                 except ConfigError as e:
-                    key = e.key if e.key.startswith("data.") else f"tokenizer.{e.key}"
-                    raise ConfigError(key, e.message) from None
-                q = {"dim": run.model.latent_channels, **run.model.quantizer}
-                try:
-                    build_quantizer(q)
-                except (TypeError, ValueError) as e:
-                    where = "tokenizer.model.quantizer" if "kind" not in setting.quantizer else "settings"
-                    raise ConfigError(where, f"quantizer {q} of setting {setting.name!r}: {e}") from None
+                    if e.key.startswith("data."):
+                        raise ConfigError(e.key, e.message) from None
+                    if e.key.startswith("model.quantizer") and "kind" in setting.quantizer:
+                        raise ConfigError(
+                            "settings", f"quantizer of setting {setting.name!r}: {e.message}"
+                        ) from None
+                    raise ConfigError(f"tokenizer.{e.key}", e.message) from None
 
     def evaluations(self) -> int:
         """Evaluations per run: every ``eval.every`` steps (the last step is always one)."""

@@ -26,7 +26,8 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from snce.config import Config, ConfigError, atomic_write_text
-from snce.quantize import Quantizer, QuantizerOutput, build_quantizer
+from snce.files import check_file, record_checksums, verified
+from snce.quantize import Quantizer, QuantizerOutput, build_quantizer, check_quantizer_config
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -74,6 +75,14 @@ class TokenizerConfig(Config):
             raise ConfigError(
                 "quantizer.dim", f"must equal latent_channels={self.latent_channels}, got {dim}"
             )
+        self.check_quantizer()
+
+    def check_quantizer(self) -> None:
+        """The quantizer options as ``build_quantizer`` would take them (without allocating the codebook)."""
+        try:
+            check_quantizer_config({**self.quantizer, "dim": self.latent_channels})
+        except (TypeError, ValueError) as e:
+            raise ConfigError("quantizer", f"{e} (in {self.quantizer})") from None
 
 
 class Encoded(NamedTuple):
@@ -265,6 +274,7 @@ class Tokenizer(nn.Module):
         save_model(self, str(tmp))
         os.replace(tmp, directory / WEIGHTS_FILE)
         atomic_write_text(directory / CONFIG_FILE, json.dumps(self.full_config(), indent=2) + "\n")
+        record_checksums(directory, [WEIGHTS_FILE, CONFIG_FILE])
         return directory
 
     @classmethod
@@ -277,6 +287,8 @@ class Tokenizer(nn.Module):
             raise FileNotFoundError(
                 f"{directory} holds no tokenizer ({CONFIG_FILE} + {WEIGHTS_FILE} expected)"
             )
+        check_file(directory / CONFIG_FILE)
         model = cls(TokenizerConfig.load_json(directory / CONFIG_FILE))
-        load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
+        with verified(directory / WEIGHTS_FILE) as weights:
+            load_model(model, str(weights), strict=True, device=str(device))
         return model.to(device).eval()

@@ -7,10 +7,14 @@ Layout of ``<out_dir>/checkpoints/``::
         ema.safetensors       EMA weights (only when EMA is on)
         config.json           the run's full configuration
         state.pt              step, optimizer state, RNG states of every rank
+        checksums.json        size and SHA-256 of each file above, as written
     latest                    text file naming the newest complete step directory
+    unreadable-step_*/        checkpoints that failed to verify, set aside (never deleted)
 
 A directory is written under a temporary name and renamed when complete, then ``latest`` is replaced
-atomically, so a run killed at any moment leaves the previous checkpoint intact.
+atomically, so a run killed at any moment leaves the previous checkpoint intact. Resuming takes the newest
+checkpoint that verifies against its checksums; one that does not is reported, renamed ``unreadable-...``
+(so that pruning never removes it) and skipped.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,8 +31,10 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from snce.config import atomic_write_text
+from snce.files import damage, record_checksums, verified
 
 LATEST = "latest"
+UNREADABLE = "unreadable-"
 
 
 def checkpoint_root(out_dir: str | os.PathLike) -> Path:
@@ -35,12 +42,35 @@ def checkpoint_root(out_dir: str | os.PathLike) -> Path:
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint directory under ``out_dir``, or None."""
-    pointer = checkpoint_root(out_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    path = checkpoint_root(out_dir) / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    """The newest complete checkpoint under ``out_dir`` whose files verify, or None.
+
+    Starts from the one ``latest`` names (or the newest ``step_*`` when ``latest`` is missing or names no
+    folder); each one that does not verify is reported in a warning, renamed ``unreadable-<name>`` and
+    skipped for the next older one.
+    """
+    root = checkpoint_root(out_dir)
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    pointer = root / LATEST
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    if (
+        named is not None and named in steps
+    ):  # normally the newest; never skip past it to a newer one
+        steps = steps[steps.index(named) :]
+    for path in steps:
+        reason = damage(path)
+        if reason is None:
+            return path
+        aside = path.with_name(UNREADABLE + path.name)
+        for n in range(1, 1000):
+            if not aside.exists():
+                break
+            aside = path.with_name(f"{UNREADABLE}{path.name}-{n}")
+        os.replace(path, aside)
+        warnings.warn(
+            f"skipping checkpoint {path.name}: {reason}; kept as {aside.name}, trying the previous one",
+            stacklevel=2,
+        )
+    return None
 
 
 def save_checkpoint(
@@ -66,6 +96,7 @@ def save_checkpoint(
             save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config or {}, indent=2) + "\n")
         torch.save(state, tmp / "state.pt")
+        record_checksums(tmp, [p.name for p in sorted(tmp.iterdir())])
         os.replace(tmp, final)
     atomic_write_text(root / LATEST, name + "\n")
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
@@ -80,15 +111,19 @@ def load_checkpoint(
 ) -> tuple[dict, dict[str, torch.Tensor] | None]:
     """Load weights into ``model``; return (state dict of state.pt, EMA tensors or None)."""
     path = Path(path)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    with verified(path / "model.safetensors") as weights:
+        missing, unexpected = load_model(model, str(weights), strict=False)
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {path} does not match the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
-    ema_file = path / "ema.safetensors"
-    ema = load_file(str(ema_file)) if ema_file.is_file() else None
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=True), ema
+    ema = None
+    if (path / "ema.safetensors").is_file():
+        with verified(path / "ema.safetensors") as ema_file:
+            ema = load_file(str(ema_file))
+    with verified(path / "state.pt") as state_file:
+        return torch.load(state_file, map_location="cpu", weights_only=True), ema
 
 
 def rng_state() -> dict:

@@ -298,7 +298,11 @@ class Trainer:
     # ---------------------------------------------------------------- setup / checkpoints
 
     def _restore_or_start(self, resume: bool) -> None:
-        ckpt = latest_checkpoint(self.out_dir)
+        if self.dist.is_main:  # sets aside checkpoints that do not verify; the other ranks then agree
+            ckpt = latest_checkpoint(self.out_dir)
+        barrier()
+        if not self.dist.is_main:
+            ckpt = latest_checkpoint(self.out_dir)
         if resume:
             if ckpt is None:
                 raise FileNotFoundError(
