@@ -57,7 +57,7 @@ class TokenizerRunConfig(Config):
             raise ConfigError(
                 "model.in_channels",
                 f"must equal the data's channels ({channels} for {self.data.kind}), got "
-                f"{self.model.in_channels}: set model.in_channels={channels}, or data.channels="
+                f"{self.model.in_channels}: set it to {channels}, or data.channels="
                 f"{self.model.in_channels} to read the images with {self.model.in_channels} channel(s)",
             )
         if self.data.size % self.model.downsample:
