@@ -163,3 +163,24 @@ def test_regvq_contrastive_loss_with_local_weights(tmp_path):
     with pytest.raises(ValueError, match="not a VGG-19 state dict"):
         torch.save({"features.0.weight": torch.zeros(1)}, path)
         VGG19Features.from_file(str(path))
+
+
+def test_lc_built_from_config_refuses_to_quantize_until_it_has_features():
+    """No all-zero codebook: an empty base is an error; init_codebook sets the k-means centres of real features."""
+    q = LCQuantizer(4, codebook_size=16, feature_dim=4)
+    assert q.pending_init
+    with pytest.raises(ValueError, match="base features are empty"):
+        q(torch.randn(2, 5, 4))
+    features = torch.randn(400, 4)
+    q.init_codebook(features, generator=torch.Generator().manual_seed(0))
+    assert not q.pending_init and torch.unique(q.base, dim=0).shape[0] == 16
+    # each centre is the mean of the features nearest to it (a Lloyd fixed point, up to the last step)
+    nearest = torch.cdist(features, q.base).argmin(1)
+    used = nearest.unique()
+    means = torch.stack([features[nearest == k].mean(0) for k in used])
+    torch.testing.assert_close(q.base[used], means, atol=0.15, rtol=0)
+    out = q(torch.randn(2, 5, 4, requires_grad=True))
+    out.loss.backward()
+    assert q.projector.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        q.init_codebook(torch.randn(10, 3))

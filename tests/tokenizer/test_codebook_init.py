@@ -7,6 +7,8 @@ codebook; under torchrun every rank starts from rank 0's codebook, so the run fo
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -192,3 +194,46 @@ def test_broadcast_state_gives_every_rank_rank_0s_quantizer(tmp_path):
     assert bool(r1["initialized"]) and r0.keys() == r1.keys()
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
+
+
+def test_lc_tokenizer_takes_its_frozen_base_from_the_training_set(tmp_path):
+    """A new LC run sets the base to k-means centres of encoder latents of the whole training set; the base
+    is then frozen (equal after training) and saved with the tokenizer."""
+    lc = [s for s in SETTINGS if "quantizer" not in s] + [
+        "model.quantizer.kind=lc", f"model.quantizer.codebook_size={K}", "model.quantizer.feature_dim=8",
+    ]  # fmt: skip
+    cfg = load_config(TokenizerRunConfig, None, [*lc, f"train.out_dir={tmp_path}"])
+    tok = train_tokenizer(cfg)
+    base = tok.quantizer.base
+    assert not tok.quantizer.pending_init and torch.unique(base, dim=0).shape[0] == K
+    torch.manual_seed(cfg.train.seed)
+    fresh = Tokenizer(cfg.model)
+    init_codebook_from_data(
+        fresh, build_dataset(cfg.data, split="train"), batch_size=8, seed=cfg.train.seed
+    )
+    assert torch.equal(fresh.quantizer.base, base)  # frozen: training did not move it
+    assert torch.equal(Tokenizer.from_pretrained(tmp_path / "tokenizer").quantizer.base, base)
+    with pytest.raises(Exception, match="feature_dim"):
+        load_config(TokenizerRunConfig, None, [*lc, "model.quantizer.feature_dim=6"])
+
+
+def test_fvq_learning_annealing_shows_in_the_logged_learning_rate(tmp_path):
+    from snce.quantize.fvq import learning_annealing
+
+    fvq = [s for s in SETTINGS if "quantizer" not in s and "steps" not in s] + [
+        "model.quantizer.kind=fvq", "model.quantizer.codebook_size=64", "train.schedule=annealing",
+        "train.steps=10", "train.warmup_steps=2", "train.lr=1e-3",
+    ]  # fmt: skip
+    train_tokenizer(load_config(TokenizerRunConfig, None, [*fvq, f"train.out_dir={tmp_path}"]))
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    logged = {r["step"]: r["lr"] for r in map(json.loads, lines)}
+    # the LR of optimizer step s (logged at step s) is lr x annealing(s - 1 finished steps)
+    want = {s: 1e-3 * learning_annealing(s - 1, 10, 2) for s in logged}
+    assert sorted(logged) == list(range(1, 11))
+    assert logged == pytest.approx(want)
+    # warmup from 0.005 lr, flat at lr, then annealed linearly toward 0.01 lr
+    assert (
+        logged[1] == pytest.approx(0.005e-3)
+        and logged[5] == pytest.approx(1e-3)
+        and logged[10] < 0.2e-3
+    )

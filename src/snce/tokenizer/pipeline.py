@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,16 @@ class TokenizerRunConfig(Config):
                 f"{self.model.in_channels}: set it to {channels}, or data.channels="
                 f"{self.model.in_channels} to read the images with {self.model.in_channels} channel(s)",
             )
+        q = self.model.quantizer
+        if (
+            q.get("kind") == "lc"
+            and q.get("feature_dim", self.model.latent_channels) != self.model.latent_channels
+        ):
+            raise ConfigError(
+                "model.quantizer.feature_dim",
+                f"must equal model.latent_channels={self.model.latent_channels} (a new LC tokenizer's frozen base "
+                f"is the k-means centres of its encoder's latents), got {q['feature_dim']}",
+            )
         if self.data.size % self.model.downsample:
             raise ConfigError(
                 "data.size",
@@ -93,6 +104,12 @@ def train_tokenizer(cfg: TokenizerRunConfig, *, resume: bool = False) -> Tokeniz
     initialisation gets it from :func:`init_codebook_from_data` (seeded by ``train.seed``) before the Trainer
     takes the model (so EMA weights and DDP start from it); a resumed run keeps its checkpoint's codebook.
     """
+    if cfg.model.quantizer.get("kind") == "fvq" and cfg.train.schedule != "annealing":
+        warnings.warn(
+            f"FVQ is trained with learning annealing in its paper; this run uses train.schedule="
+            f"{cfg.train.schedule!r} (set train.schedule=annealing for the published recipe)",
+            stacklevel=2,
+        )
     dataset = build_dataset(cfg.data, split="train")
     torch.manual_seed(cfg.train.seed)
     tokenizer = Tokenizer(cfg.model)

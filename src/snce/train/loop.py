@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from snce.config import Config, ConfigError
+from snce.quantize.fvq import learning_annealing
 from snce.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -69,7 +70,9 @@ class TrainConfig(Config):
     batch_size: int = 64  # global samples per optimizer step (all ranks x accumulation)
     grad_accum: int = 1  # micro-steps per optimizer step
     lr: float = 2e-4
-    schedule: Literal["cosine", "constant"] = "cosine"
+    # cosine | constant (both after the warmup) | annealing: FVQ's learning annealing (snce.quantize.fvq), its
+    # own warmup from 0.005 lr over warmup_steps, lr for 30% of the rest, then linear to 0.01 lr
+    schedule: Literal["cosine", "constant", "annealing"] = "cosine"
     warmup_steps: int = 0  # linear warmup from lr / warmup_steps
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     weight_decay: float = 0.0  # applied to >= 2-D parameters only
@@ -298,7 +301,9 @@ class Trainer:
     # ---------------------------------------------------------------- setup / checkpoints
 
     def _restore_or_start(self, resume: bool) -> None:
-        if self.dist.is_main:  # sets aside checkpoints that do not verify; the other ranks then agree
+        if (
+            self.dist.is_main
+        ):  # sets aside checkpoints that do not verify; the other ranks then agree
             ckpt = latest_checkpoint(self.out_dir)
         barrier()
         if not self.dist.is_main:
@@ -367,6 +372,8 @@ class Trainer:
     def lr_at(self, step: int) -> float:
         """LR for the optimizer step that follows ``step`` finished steps."""
         cfg = self.cfg
+        if cfg.schedule == "annealing":
+            return cfg.lr * learning_annealing(step, cfg.steps, cfg.warmup_steps)
         if step < cfg.warmup_steps:
             return cfg.lr * (step + 1) / cfg.warmup_steps
         if cfg.schedule == "constant":
