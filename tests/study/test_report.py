@@ -227,3 +227,15 @@ def test_real_image_panel_sweeps_the_classes_like_the_samples():
     got = class_sweep(_Labelled(labels, 4), 10).flatten().tolist()
     # index of: class 0 #0, class 1 #0, class 2 (none), class 3 #0, class 0 #1, 1 #1, -, 3 #1, 0 #2, 1 #2
     assert got == [0, 30, -1, 33, 1, 31, -1, 34, 2, 32]
+
+
+def test_verdict_flags_groups_on_a_collapsed_tokenizer():
+    """A tokenizer using under 1% of its codes on the test split: its groups are marked as no evidence."""
+    runs = [_run("ce", s, [50, 40]) for s in (0, 1)] + [_run("snce", s, [45, 35]) for s in (0, 1)]
+    (group,) = analyse(runs)
+    tokenizer = {"setting": group["setting"], "K": group["K"], "test": {"perplexity": 16.0}}
+    healthy = verdict_paragraph([group], [{**tokenizer, "test": {"usage": 0.5, "perplexity": 500.0}}])
+    collapsed = verdict_paragraph([group], [{**tokenizer, "test": {"usage": 0.004, "perplexity": 16.0}}])
+    assert "collapsed" not in healthy and "SNCE vs CE, final FID" in healthy
+    assert "its tokenizer collapsed: 0.40% of the" in collapsed and "not evidence about SNCE" in collapsed
+    assert "SNCE vs CE, final FID" in collapsed  # the numbers stay, with the warning before them

@@ -198,13 +198,33 @@ def _where(g: dict) -> str:
     return f"{g['setting']} K={g['K']:,} {g['family'].replace('_', ' ')}"
 
 
-def verdict_paragraph(groups: list[dict]) -> str:
-    """Plain sentences, one per comparison that matters, each saying only what its interval says."""
+# A tokenizer using fewer than this fraction of its codes on the test split has collapsed: its tokens carry
+# little of the image, so generators trained on them say nothing about the loss.
+COLLAPSED_USAGE = 0.01
+
+
+def collapsed_tokenizers(tokenizers: list[dict]) -> dict[tuple[str, int], str]:
+    """(setting, K) -> why, for every tokenizer that collapsed (test-split usage below COLLAPSED_USAGE)."""
+    return {
+        (t["setting"], t["K"]): (
+            f"its tokenizer collapsed: {t['test']['usage']:.2%} of the {t['K']:,} codes in use on the test "
+            f"split (perplexity {t['test']['perplexity']:.3g}), so these runs are not evidence about SNCE"
+        )
+        for t in tokenizers
+        if t["test"]["usage"] < COLLAPSED_USAGE
+    }
+
+
+def verdict_paragraph(groups: list[dict], tokenizers: list[dict] = ()) -> str:
+    """Plain sentences, one per comparison that matters, each saying only what its interval says; groups on a
+    collapsed tokenizer say so first."""
     if not groups or not any("vs_ce" in g for g in groups):
         return "No arm has been compared with CE yet."
+    collapsed = collapsed_tokenizers(list(tokenizers))
     lines = []
     for g in groups:
-        parts = []
+        why = collapsed.get((g["setting"], g["K"]))
+        parts = [f"**{why}**"] if why else []
         vs = g.get("vs_ce", {})
         if "snce" in vs and "final_fid" in vs["snce"]:
             d = vs["snce"]["final_fid"]
@@ -285,7 +305,7 @@ def render_report(results: dict, figures: list[Path], out: Path) -> str:
         f"below is exploratory: several metrics and arms, each at {confidence} without correction for "
         "multiplicity, so an isolated win or loss among them may be chance.",
         "",
-        verdict_paragraph(groups),
+        verdict_paragraph(groups, results["tokenizers"]),
         "",
         "## Floors (what a perfect generator would score at this sample size)",
         "",
