@@ -538,17 +538,19 @@ def plot_curves(
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     floors = {(t["setting"], t["K"]): t["reconstruction_floor"] for t in results["tokenizers"]}
-    colours = plt.get_cmap("tab10")
+    arms = sorted({r["arm"] for r in runs} - {"ce"}, key=arm_sort_key)
+    # one colour per arm, the same in every panel
+    colour = dict(zip(arms, plt.get_cmap("tab10").colors * 2, strict=False))
     for ax, (setting, family, K) in zip(axes.flat, panels, strict=False):
         group = [r for r in runs if (r["setting"], r["family"], r["K"]) == (setting, family, K)]
-        for i, arm in enumerate(sorted({r["arm"] for r in group}, key=arm_sort_key)):
+        for arm in sorted({r["arm"] for r in group}, key=arm_sort_key):
             curves = [_curve(r, key) for r in group if r["arm"] == arm]
             steps = curves[0][0]
             if any(c[0] != steps for c in curves):
                 continue
             values = np.array([c[1] for c in curves])  # (seeds, evals)
             mean = values.mean(0)
-            style = dict(color="black", lw=2.2) if arm == "ce" else dict(color=colours(i), lw=1.5)
+            style = dict(color="black", lw=2.2) if arm == "ce" else dict(color=colour[arm], lw=1.5)
             ax.plot(steps, mean, marker="o", ms=2.5, label=arm_label(arm), **style)
             if len(values) > 1:
                 bands = [t_interval(values[:, j], confidence) for j in range(values.shape[1])]
