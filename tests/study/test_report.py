@@ -234,8 +234,44 @@ def test_verdict_flags_groups_on_a_collapsed_tokenizer():
     runs = [_run("ce", s, [50, 40]) for s in (0, 1)] + [_run("snce", s, [45, 35]) for s in (0, 1)]
     (group,) = analyse(runs)
     tokenizer = {"setting": group["setting"], "K": group["K"], "test": {"perplexity": 16.0}}
-    healthy = verdict_paragraph([group], [{**tokenizer, "test": {"usage": 0.5, "perplexity": 500.0}}])
-    collapsed = verdict_paragraph([group], [{**tokenizer, "test": {"usage": 0.004, "perplexity": 16.0}}])
+    healthy = verdict_paragraph(
+        [group], [{**tokenizer, "test": {"usage": 0.5, "perplexity": 500.0}}]
+    )
+    collapsed = verdict_paragraph(
+        [group], [{**tokenizer, "test": {"usage": 0.004, "perplexity": 16.0}}]
+    )
     assert "collapsed" not in healthy and "SNCE vs CE, final FID" in healthy
-    assert "its tokenizer collapsed: 0.40% of the" in collapsed and "not evidence about SNCE" in collapsed
+    assert (
+        "its tokenizer collapsed: 0.40% of the" in collapsed
+        and "not evidence about SNCE" in collapsed
+    )
     assert "SNCE vs CE, final FID" in collapsed  # the numbers stay, with the warning before them
+
+
+def test_a_setting_may_choose_its_own_code_dimension():
+    """settings[].model overrides tokenizer.model (not its quantizer) for that setting's tokenizers only."""
+    base = {
+        "tokenizer": {"model": {"in_channels": 1, "latent_channels": 8}},
+        "settings": [
+            {"name": "vq", "codebook_sizes": [64], "families": ["autoregressive"]},
+            {"name": "ibq", "quantizer": {"kind": "ibq"}, "model": {"latent_channels": 32},
+             "codebook_sizes": [64], "families": ["autoregressive"]},
+        ],
+    }  # fmt: skip
+    cfg = StudyConfig.from_dict(base)
+    vq, ibq = cfg.settings
+    assert cfg.tokenizer_run(vq, 64).model.latent_channels == 8
+    run = cfg.tokenizer_run(ibq, 64)
+    assert run.model.latent_channels == 32 and run.model.quantizer == {
+        "kind": "ibq",
+        "codebook_size": 64,
+    }
+    bad = {**base, "settings": [{**base["settings"][1], "model": {"quantizer": {"kind": "vq"}}}]}
+    with pytest.raises(ConfigError, match="settings.*model.*unknown key 'quantizer'"):
+        StudyConfig.from_dict(bad)
+    clash = {
+        **base,
+        "settings": [base["settings"][1], {**base["settings"][1], "model": {}, "arms": ["ce"]}],
+    }
+    with pytest.raises(ConfigError, match="different tokenizers"):
+        StudyConfig.from_dict(clash)

@@ -21,7 +21,7 @@ sampling noise, so arms are compared paired by seed. The arms:
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -92,11 +92,15 @@ class StudySetting(Config):
         tokenizers (e.g. the tau sweep for one family only).
     quantizer: with a ``kind``, the quantizer itself (e.g. {kind: ibq}); without, overrides of
         ``tokenizer.model.quantizer`` (e.g. {metric: cosine}). codebook_size comes from K.
+    model: overrides of ``tokenizer.model`` other than its quantizer, e.g. {latent_channels: 32} (the code
+        dimension: a dot-product quantizer such as IBQ can only ever pick codes on its codebook's convex hull,
+        which at 8 dimensions holds about a fifth of 4,096 Gaussian codes).
     families: generator families trained on it. arms: the arms run here (empty: the study's ``loss.arms``).
     """
 
     name: str = "vq"
     quantizer: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
     codebook_sizes: tuple[int, ...] = (1024,)
     families: tuple[str, ...] = ("autoregressive", "masked_diffusion")
     arms: tuple[str, ...] = ()
@@ -123,6 +127,13 @@ class StudySetting(Config):
         for f in self.families:
             if f not in FAMILIES:
                 raise ConfigError("families", f"expected names from {sorted(FAMILIES)}, got {f!r}")
+        allowed = {f.name for f in fields(TokenizerConfig)} - {"quantizer"}
+        unknown = sorted(set(self.model) - allowed)
+        if unknown:
+            raise ConfigError(
+                "model",
+                f"unknown key {unknown[0]!r}; expected tokenizer model keys: {', '.join(sorted(allowed))}",
+            )
         for arm in self.arms:
             check_arm(arm)
         if self.arms and "ce" not in self.arms:
@@ -251,14 +262,14 @@ class StudyConfig(Config):
             raise ConfigError("workers", f"must be >= 1, got {self.workers}")
         if not self.settings:
             raise ConfigError("settings", "needs at least one tokenizer setting")
-        quantizers = {}
+        kinds = {}
         for s in self.settings:  # a name is one tokenizer kind: settings may share it to split arms
-            q = s.quantizer_config(self.tokenizer.model.quantizer)
-            if quantizers.setdefault(s.name, q) != q:
+            kind = (s.quantizer_config(self.tokenizer.model.quantizer), s.model)
+            if kinds.setdefault(s.name, kind) != kind:
                 raise ConfigError(
                     "settings",
-                    f"settings named {s.name!r} have different quantizers ({quantizers[s.name]} and {q}); "
-                    "a name is one tokenizer kind: give the other one its own name",
+                    f"settings named {s.name!r} have different tokenizers (quantizer, model: {kinds[s.name]} and "
+                    f"{kind}); a name is one tokenizer kind: give the other one its own name",
                 )
         runs = [
             (s.name, K, f, arm)
@@ -283,7 +294,7 @@ class StudyConfig(Config):
         """The tokenizer run of (setting, K): the study's tokenizer settings with this setting's quantizer."""
         t = self.tokenizer
         quantizer = {**setting.quantizer_config(t.model.quantizer), "codebook_size": K}
-        model = TokenizerConfig(**{**asdict(t.model), "quantizer": quantizer})
+        model = TokenizerConfig(**{**asdict(t.model), **setting.model, "quantizer": quantizer})
         train = replace(
             t.train, out_dir=out_dir or t.train.out_dir, seed=self.seed, device=self.device
         )

@@ -279,7 +279,9 @@ def render_report(results: dict, figures: list[Path], out: Path) -> str:
         "against the held-out test split, which none of them saw; a tau is selected (if at all) on the val split.",
         "- Settings (tokenizers): "
         + "; ".join(
-            f"`{s['name']}` ({s['quantizer'] or cfg['tokenizer']['model']['quantizer']}) at K = "
+            f"`{s['name']}` ({s['quantizer'] or cfg['tokenizer']['model']['quantizer']}"
+            + (f", model {s['model']}" if s.get("model") else "")
+            + ") at K = "
             + ", ".join(f"{k:,}" for k in s["codebook_sizes"])
             + f", families {', '.join(s['families'])}"
             for s in cfg["settings"]
