@@ -10,6 +10,7 @@ Files without a record (written by other tools, or before records existed) are r
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -24,7 +25,17 @@ class DamagedFileError(ValueError):
     """A file snce needs is missing, truncated, altered or cannot be decoded; the message names it."""
 
 
-def sha256(path: Path, chunk: int = 1 << 22) -> str:
+def sha256(path: Path) -> str:
+    """SHA-256 of a file, hashed once per version of it in this process: finding the checkpoint to resume
+    from and then loading it read the same files, which may be gigabytes."""
+    stat = path.stat()
+    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int, chunk: int = 1 << 22) -> str:
+    """(size and mtime_ns key the cache: a file rewritten or truncated is hashed again; only a same-size rewrite
+    within one tick of a coarse filesystem clock, in the same process, would go unseen.)"""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
