@@ -113,7 +113,7 @@ class IBQuantizer(Quantizer):
         index_loss = F.mse_loss(zq, z)
         commitment = F.mse_loss(z, zq_plain.detach())
         codebook_loss = F.mse_loss(zq_plain, z.detach())
-        w_commit, w_codebook = (1.0, self.beta) if self.beta_on == "codebook" else (self.beta, 1.0)
+        w_commit, w_codebook = self._term_weights()
         loss = index_loss + w_commit * commitment + w_codebook * codebook_loss
         stats = {
             "index_loss": float(index_loss.detach()),
@@ -141,9 +141,13 @@ class IBQuantizer(Quantizer):
         indices = nearest_code(z, self.embed, "dot", max_block_bytes=self.max_block_bytes)
         zq = F.embedding(indices, self.embed).to(z.dtype)
         mse = F.mse_loss(zq, z)
-        w_commit, w_codebook = (1.0, self.beta) if self.beta_on == "codebook" else (self.beta, 1.0)
+        w_commit, w_codebook = self._term_weights()
         stats = {"index_loss": float(mse), "commitment": float(mse), "codebook_loss": float(mse)}
         return zq, indices, (1.0 + w_commit + w_codebook) * mse, stats | self._norm_stats()
+
+    def _term_weights(self) -> tuple[float, float]:
+        """(w_cm, w_cb): beta on the codebook term as released, on the commitment term as in the paper."""
+        return (1.0, self.beta) if self.beta_on == "codebook" else (self.beta, 1.0)
 
     def _norm_stats(self) -> dict:
         norms = self.embed.detach().norm(dim=1)

@@ -115,10 +115,10 @@ def class_sweep(dataset, n: int) -> torch.Tensor:
     with no image in the split leaves a black tile."""
     images, labels = evenly_spaced(dataset)
     C = dataset.num_classes
+    blank = torch.full_like(images[0], -1.0)
     tiles = []
     for i in range(n):
         of_class = (labels == i % C).nonzero().flatten()
-        blank = torch.full_like(images[0], -1.0)
         tiles.append(images[of_class[(i // C) % len(of_class)]] if len(of_class) else blank)
     return torch.stack(tiles)
 

@@ -52,9 +52,8 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
     pointer = root / LATEST
     named = root / pointer.read_text().strip() if pointer.is_file() else None
-    if (
-        named is not None and named in steps
-    ):  # normally the newest; never skip past it to a newer one
+    # ``latest`` normally names the newest; never skip past it to a newer one
+    if named is not None and named in steps:
         steps = steps[steps.index(named) :]
     for path in steps:
         reason = damage(path)

@@ -301,9 +301,8 @@ class Trainer:
     # ---------------------------------------------------------------- setup / checkpoints
 
     def _restore_or_start(self, resume: bool) -> None:
-        if (
-            self.dist.is_main
-        ):  # sets aside checkpoints that do not verify; the other ranks then agree
+        # rank 0 first: it sets aside checkpoints that do not verify, then the other ranks find the same one
+        if self.dist.is_main:
             ckpt = latest_checkpoint(self.out_dir)
         barrier()
         if not self.dist.is_main:
