@@ -16,6 +16,7 @@ from snce.functional import (
     snce_loss,
     suggest_tau,
 )
+from snce.losses.targets import MIN_NEAREST_MASS
 from snce.losses.reference import (
     assert_close,
     cross_entropy_reference,
@@ -283,3 +284,25 @@ def test_suggest_tau_is_the_median_nearest_neighbour_gap():
     assert suggest_tau(codebook, "l2", latents=latents) == pytest.approx(0.2)
     for metric in METRICS:
         assert suggest_tau(torch.randn(300, 8), metric) > 0
+
+
+def test_suggest_tau_keeps_a_fifth_of_the_mass_on_the_nearest_code():
+    # Codes on a line (l2): the median-gap tau leaves far more than the floor on the nearest code, so the
+    # floor changes nothing (the test above). Unit-norm-ish Gaussian codes under the dot product at D = 32:
+    # the runner-up is as far as thousands of others, and the median gap would spread the target widely.
+    torch.manual_seed(0)
+    codebook = torch.randn(2048, 32, dtype=torch.float64)
+    dots = codebook @ codebook.T  # dense reference: target logits e_y . e_k / tau
+    top2 = dots.topk(2, dim=1).values
+    gap_tau = float((top2[:, 0] - top2[:, 1]).median())
+
+    def median_nearest_mass(tau):
+        return float(torch.softmax(dots / tau, dim=1).max(dim=1).values.median())
+
+    assert median_nearest_mass(gap_tau) < 0.05  # what the gap rule alone would give
+    tau = suggest_tau(codebook, "dot")
+    assert tau < gap_tau
+    assert median_nearest_mass(tau) == pytest.approx(MIN_NEAREST_MASS, abs=1e-4)
+    assert suggest_tau(codebook, "dot", min_nearest_mass=0.0) == pytest.approx(gap_tau)
+    with pytest.raises(ValueError, match="min_nearest_mass"):
+        suggest_tau(codebook, "dot", min_nearest_mass=1.0)

@@ -42,7 +42,8 @@ class LossConfig(Config):
     """The token loss of a generator run.
 
     kind: "ce" | "label_smoothing" | "snce". label_smoothing: epsilon for kind="label_smoothing".
-    tau: SNCE temperature; None -> ``suggest_tau`` of the codebook (median nearest-neighbour gap).
+    tau: SNCE temperature; None -> ``suggest_tau`` of the codebook (median nearest-neighbour gap, lowered
+    where needed so the nearest code keeps a fifth of the target).
     tau_scale: multiplies tau (suggested or given): how a study sweeps around the suggested value.
     metric: SNCE distance, None -> the tokenizer's own metric (keep them equal). topk: keep the k nearest codes.
     targets: "codes" (z = e_y, pre-tokenized data) | "latents" (the shards' continuous latents).

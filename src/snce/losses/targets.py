@@ -429,6 +429,12 @@ def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(table.expand(index.shape[0], -1), 1, index)
 
 
+# The smallest mass suggest_tau leaves on a token's nearest code (median over tokens). The gap rule alone gives
+# 0.22-0.30 on the study's l2 codebooks (K = 256 to 16,384), which this floor leaves untouched; a dot-product
+# codebook at D = 32 got 0.003 from it (nearly uniform targets) and is brought back to the l2 regime.
+MIN_NEAREST_MASS = 0.2
+
+
 @torch.no_grad()
 def suggest_tau(
     codebook: torch.Tensor,
@@ -436,16 +442,26 @@ def suggest_tau(
     latents: torch.Tensor | None = None,
     *,
     max_points: int = 4096,
+    min_nearest_mass: float = MIN_NEAREST_MASS,
 ) -> float:
     """Default SNCE temperature from the codebook's geometry (the paper publishes no value).
 
     For each point z (the latents if given, else the codes themselves, i.e. pre-tokenized data) take the
     gap ``d(z, 2nd nearest code) - d(z, nearest code)``; tau is the median gap. At this tau, for a typical
     token the runner-up code gets exp(-1) ~ 0.37 of the nearest code's probability: neighbours matter,
-    but the nearest code still dominates. Uses at most ``max_points`` evenly spaced points.
-    Codebooks with duplicate codes give zero gaps; those are skipped.
+    but the nearest code still dominates.
+
+    The runner-up says nothing about the thousands of codes behind it. Where they sit barely further than
+    the runner-up (dot products in high dimension do), the median gap spreads the target over the whole
+    codebook. So tau is then lowered until the median point keeps ``min_nearest_mass`` of its target on its
+    nearest code (bisection in log tau; the mass only grows as tau falls).
+
+    Uses at most ``max_points`` evenly spaced points. Codebooks with duplicate codes give zero gaps; those
+    are skipped.
     """
     check_metric(metric)
+    if not 0 <= min_nearest_mass < 1:
+        raise ValueError(f"min_nearest_mass must lie in [0, 1), got {min_nearest_mass!r}")
     points = codebook if latents is None else latents.reshape(-1, codebook.shape[-1])
     if points.shape[0] > max_points:
         points = points[torch.linspace(0, points.shape[0] - 1, max_points, device=points.device).long()]
@@ -457,4 +473,22 @@ def suggest_tau(
     gaps = gaps[gaps > 0]
     if gaps.numel() == 0:
         raise ValueError("all codes are identical: no distance scale to derive tau from")
-    return float(gaps.median())
+    tau = float(gaps.median())
+    if nearest_mass(points, codebook, metric, tau) >= min_nearest_mass:
+        return tau
+    low, high = tau, tau  # the mass at high is below the floor; halve low until it is above
+    while nearest_mass(points, codebook, metric, low) < min_nearest_mass:
+        low /= 2
+    for _ in range(30):  # log-space bisection: tau to a relative 2^-30 of the bracket
+        mid = math.sqrt(low * high)
+        if nearest_mass(points, codebook, metric, mid) >= min_nearest_mass:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def nearest_mass(points: torch.Tensor, codebook: torch.Tensor, metric: str, tau: float) -> float:
+    """Median over points (N, D) of the SNCE target's mass on each point's nearest code at ``tau``."""
+    dist, _, log_norm = nearest_codes(points, codebook, metric, 1, logsumexp_tau=tau)
+    return float((-dist[:, 0] / tau - log_norm).exp().median())
