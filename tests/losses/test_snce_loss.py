@@ -16,7 +16,6 @@ from snce.functional import (
     snce_loss,
     suggest_tau,
 )
-from snce.losses.targets import MIN_NEAREST_MASS
 from snce.losses.reference import (
     assert_close,
     cross_entropy_reference,
@@ -24,6 +23,7 @@ from snce.losses.reference import (
     fused_linear_snce_loss_reference,
     snce_loss_reference,
 )
+from snce.losses.targets import MIN_NEAREST_MASS
 
 N, K, D, H = 37, 53, 5, 7  # K and N not multiples of the block sizes used below
 METRICS = ["l2", "cosine", "dot"]
