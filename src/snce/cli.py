@@ -55,6 +55,20 @@ def add_tokenizer_commands(sub) -> None:
     ev.add_argument("--cache-dir", default=".snce_cache", help="where the domain classifier is cached")
     ev.set_defaults(func=tokenizer_eval)
 
+    imp = actions.add_parser(
+        "import", help="turn a published checkpoint (LlamaGen, taming, IBQ, VQGAN-LC, MaskGIT) into a tokenizer"
+    )
+    imp.add_argument("checkpoint", help="the published file (.pt / .pth / .ckpt / .safetensors)")
+    imp.add_argument("--format", required=True, help="its layout: llamagen | taming | ibq | vqgan-lc | maskgit")
+    imp.add_argument("--out", required=True, help="tokenizer directory to create")
+    imp.add_argument("--ema", action="store_true", help="import the EMA weights the file holds (ibq)")
+    imp.add_argument(
+        "--trust-pickle", action="store_true",
+        help="unpickle a file that holds more than tensors (runs code from the file: trusted files only)",
+    )  # fmt: skip
+    imp.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
+    imp.set_defaults(func=tokenizer_import)
+
     tok = sub.add_parser(
         "tokenize", help="encode a dataset into token shards for generator training"
     )
@@ -125,6 +139,26 @@ def tokenizer_eval(args) -> int:
     print(json.dumps(metrics, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def tokenizer_import(args) -> int:
+    from snce.tokenizer.formats import FORMATS, import_tokenizer
+
+    out = Path(args.out)
+    if args.format not in FORMATS:
+        raise ValueError(f"unknown --format {args.format!r}; expected one of {sorted(FORMATS)}")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace the tokenizer there")
+    tokenizer = import_tokenizer(
+        args.checkpoint, args.format, ema=args.ema, trust_pickle=args.trust_pickle
+    )
+    tokenizer.save_pretrained(out)
+    q = tokenizer.quantizer
+    print(
+        f"imported {args.format} tokenizer to {out}: {q.codebook_size} codes of dim {q.dim} "
+        f"({q.metric}), downsampling {tokenizer.config.downsample}"
+    )
     return 0
 
 

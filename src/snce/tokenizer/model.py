@@ -28,6 +28,7 @@ from torch import nn
 from snce.config import Config, ConfigError, atomic_write_text
 from snce.files import check_file, record_checksums, verified
 from snce.quantize import Quantizer, QuantizerOutput, build_quantizer, check_quantizer_config
+from snce.tokenizer.taming import TamingDecoder, TamingEncoder
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -50,6 +51,11 @@ class TokenizerConfig(Config):
     )
     latent_channels: int = 8  # D: encoder output and code dimension
     quantizer: dict = field(default_factory=lambda: {"kind": "vq", "codebook_size": 1024})
+    # "snce" (this module's encoder and decoder) or the layout of an imported tokenizer: "taming"
+    # (taming-transformers, LlamaGen, IBQ, VQGAN-LC; snce.tokenizer.taming), "maskgit" (MaskBit's port).
+    architecture: str = "snce"
+    z_channels: int | None = None  # taming: encoder output width before the 1x1 quant_conv to the codes
+    attn_levels: tuple[int, ...] = ()  # taming: levels (0 = full resolution) with attention after each block
 
     @property
     def downsample(self) -> int:
@@ -66,6 +72,26 @@ class TokenizerConfig(Config):
                 "channel_mult",
                 f"expected 1 to 5 positive ints (downsampling 1..16), got {list(self.channel_mult)}",
             )
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(
+                "architecture", f"expected one of {sorted(ARCHITECTURES)}, got {self.architecture!r}"
+            )
+        if self.architecture == "snce" and (self.z_channels is not None or self.attn_levels):
+            raise ConfigError(
+                "architecture", "z_channels and attn_levels belong to imported layouts (e.g. 'taming')"
+            )
+        if self.architecture == "taming":
+            for width in (self.channels * m for m in self.channel_mult):
+                if width % 32:
+                    raise ConfigError(
+                        "channels", f"taming's GroupNorm has 32 groups: every level's width "
+                        f"(channels x channel_mult) must be a multiple of 32, got {width}"
+                    )  # fmt: skip
+            bad = [level for level in self.attn_levels if not 0 <= level < len(self.channel_mult)]
+            if bad:
+                raise ConfigError(
+                    "attn_levels", f"levels run from 0 to {len(self.channel_mult) - 1}, got {bad}"
+                )
         if "kind" not in self.quantizer:
             raise ConfigError(
                 "quantizer", f"needs a 'kind' (e.g. vq, ibq, fvq, lc, regvq), got {self.quantizer}"
@@ -199,6 +225,9 @@ class Decoder(nn.Module):
         return self.conv_out(self.layers(z))
 
 
+ARCHITECTURES = {"snce": (Encoder, Decoder), "taming": (TamingEncoder, TamingDecoder)}
+
+
 class Tokenizer(nn.Module):
     """Encoder + quantizer + decoder. Call ``.eval()`` before :meth:`encode` / :meth:`decode` for tokens:
     in training mode some quantizers update their codebook on every forward."""
@@ -206,9 +235,10 @@ class Tokenizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         self.config = cfg
-        self.encoder = Encoder(cfg)
+        encoder, decoder = ARCHITECTURES[cfg.architecture]
+        self.encoder = encoder(cfg)
         self.quantizer: Quantizer = build_quantizer({**cfg.quantizer, "dim": cfg.latent_channels})
-        self.decoder = Decoder(cfg)
+        self.decoder = decoder(cfg)
 
     @property
     def codebook_size(self) -> int:

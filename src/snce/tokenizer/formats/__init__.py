@@ -1,0 +1,204 @@
+"""Import published tokenizer checkpoints as snce tokenizers: one module per checkpoint layout.
+
+    tok = import_tokenizer("vq_ds16_c2i.pt", "llamagen")      # -> Tokenizer, in eval mode
+    tok.save_pretrained("tokenizers/llamagen-vq16")             # then Tokenizer.from_pretrained(...)
+
+A format names where the weights sit in the file (``nesting``), which keys are not the tokenizer
+(``ignored``: losses, discriminators, EMA copies) and how each remaining key maps to snce's module names
+and back (``to_snce`` / ``from_snce``: a bijection, so the weights round-trip). Its ``config`` reads the
+architecture (widths, levels, attention, code dimension, codebook) from the weights' shapes, so no config
+file is needed. Nothing else in snce knows a format: an imported tokenizer is an ordinary
+:class:`~snce.tokenizer.Tokenizer` whose ``quantizer.codebook`` and ``quantizer.metric`` reproduce the
+original's assignment, which is all that SNCE targets, ``suggest_tau`` and ``NeighborTable`` need.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from snce.tokenizer.model import Tokenizer, TokenizerConfig
+
+
+class CheckpointKeyError(ValueError):
+    """A checkpoint's keys do not fit the format (unknown, missing or misshapen keys)."""
+
+
+@dataclass(frozen=True)
+class Format:
+    """How one published layout stores a tokenizer. Keys below are the original's, after unnesting."""
+
+    name: str
+    description: str
+    nesting: tuple[str, ...]  # top-level entries that may hold the state dict, tried in order
+    signature: tuple[str, ...]  # regexes: a state dict matching all of them looks like this format
+    ignored: tuple[
+        str, ...
+    ]  # regexes of keys that are not part of the tokenizer (losses, EMA, ...)
+    config: Callable[[dict], TokenizerConfig]  # original state -> the architecture, from shapes
+    to_snce: Callable[[str, TokenizerConfig], str]  # original key -> snce key
+    from_snce: Callable[[str, TokenizerConfig], str]  # snce key -> original key
+    ema: Callable[[dict], dict] | None = (
+        None  # original state -> the EMA weights under the plain names
+    )
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> dict:
+    """The object stored in a ``.pt`` / ``.pth`` / ``.ckpt`` (torch.load) or ``.safetensors`` file.
+
+    Pickled files load with ``weights_only=True`` (tensors and plain containers only); a file that needs
+    more (e.g. a Lightning checkpoint that pickled its hyper-parameters) is refused unless
+    ``trust_pickle``, since unpickling runs code from the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (or is not a file)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
+    except pickle.UnpicklingError as e:
+        if trust_pickle:
+            raise ValueError(f"{path} is not a readable torch checkpoint: {e}") from None
+        raise ValueError(
+            f"{path} holds pickled objects besides tensors ({str(e).splitlines()[0]}); if you trust the "
+            f"file, pass --trust-pickle (trust_pickle=True) to unpickle it in full"
+        ) from None
+    except RuntimeError as e:  # not a zip/pickle file at all
+        raise ValueError(f"{path} is not a readable torch checkpoint: {e}") from None
+
+
+def state_dict_of(obj: Mapping, fmt: Format, *, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The original-named tensors of the tokenizer inside a loaded checkpoint, unnested and filtered."""
+    state = obj
+    for key in fmt.nesting:
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    if not isinstance(state, Mapping) or not any(torch.is_tensor(v) for v in state.values()):
+        top = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointKeyError(
+            f"no state dict found for format {fmt.name!r}: expected tensors at the top level or under "
+            f"one of {list(fmt.nesting)}, found {top}"
+        )
+    state = {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+    if ema:
+        if fmt.ema is None:
+            raise ValueError(
+                f"format {fmt.name!r} stores no EMA weights in the same file (drop --ema)"
+            )
+        state = fmt.ema(state)
+    ignored = [re.compile(p) for p in fmt.ignored]
+    return {k: v for k, v in state.items() if not any(p.match(k) for p in ignored)}
+
+
+def detect_formats(keys) -> list[str]:
+    """Names of the formats whose signature the keys match (original names, after unnesting)."""
+    keys = list(keys)
+    return [
+        name
+        for name, fmt in FORMATS.items()
+        if all(any(re.fullmatch(p, k) for k in keys) for p in fmt.signature)
+    ]
+
+
+def import_tokenizer(
+    path: str | os.PathLike,
+    format: str,
+    *,
+    ema: bool = False,
+    trust_pickle: bool = False,
+) -> Tokenizer:
+    """Read a published checkpoint in ``format`` (see ``FORMATS``) and return the snce Tokenizer (eval)."""
+    fmt = _format(format)
+    obj = read_checkpoint(path, trust_pickle=trust_pickle)
+    try:
+        state = state_dict_of(obj, fmt, ema=ema)
+        tokenizer = tokenizer_from_state(state, fmt)
+    except CheckpointKeyError as e:
+        raw = _flat_keys(obj)
+        others = [name for name in detect_formats(raw) if name != fmt.name]
+        hint = f"; its keys look like format {' or '.join(map(repr, others))}" if others else ""
+        raise CheckpointKeyError(f"{path} as {fmt.name!r}: {e}{hint}") from None
+    return tokenizer
+
+
+def tokenizer_from_state(state: dict[str, torch.Tensor], fmt: Format) -> Tokenizer:
+    """Build the tokenizer a format's state dict describes and load the weights (strict, by shape)."""
+    try:
+        cfg = fmt.config(state)
+    except KeyError as e:
+        raise CheckpointKeyError(f"key {e} is missing (needed to read the architecture)") from None
+    cfg.check()
+    with torch.device("meta"):
+        expected = Tokenizer(cfg).state_dict()
+    renamed = {fmt.to_snce(k, cfg): k for k in state}
+    unknown = sorted(orig for new, orig in renamed.items() if new not in expected)
+    missing = sorted(fmt.from_snce(k, cfg) for k in expected if k not in renamed and _is_weight(k))
+    misshapen = sorted(
+        f"{orig} {tuple(state[orig].shape)} (expected {tuple(expected[new].shape)})"
+        for new, orig in renamed.items()
+        if new in expected and state[orig].shape != expected[new].shape
+    )
+    problems = [
+        f"{label}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''} ({len(items)} keys)"
+        for label, items in (("unknown", unknown), ("missing", missing), ("wrong shape", misshapen))
+        if items
+    ]
+    if problems:
+        raise CheckpointKeyError("; ".join(problems))
+    tokenizer = Tokenizer(cfg)
+    weights = {new: state[orig].float() for new, orig in renamed.items()}
+    tokenizer.load_state_dict(weights, strict=False)  # buffers the format lacks keep their values
+    return tokenizer.eval()
+
+
+def export_state(tokenizer: Tokenizer, format: str) -> dict[str, torch.Tensor]:
+    """The tokenizer's weights under the original format's names (the inverse of the import)."""
+    fmt = _format(format)
+    return {
+        fmt.from_snce(k, tokenizer.config): v
+        for k, v in tokenizer.state_dict().items()
+        if _is_weight(k)
+    }
+
+
+def _is_weight(snce_key: str) -> bool:
+    """Keys a published checkpoint holds; snce's own bookkeeping buffers are not among them."""
+    return not snce_key.endswith(("initialized", "cluster_size", "embed_avg"))
+
+
+def _format(name: str) -> Format:
+    if name not in FORMATS:
+        raise ValueError(f"unknown tokenizer format {name!r}; expected one of {sorted(FORMATS)}")
+    return FORMATS[name]
+
+
+def _flat_keys(obj) -> list[str]:
+    """Every tensor key of a checkpoint, one level of nesting deep (for format detection)."""
+    if not isinstance(obj, Mapping):
+        return []
+    keys = [k for k, v in obj.items() if torch.is_tensor(v)]
+    for v in obj.values():
+        if isinstance(v, Mapping):
+            keys += [k.removeprefix("module.") for k, t in v.items() if torch.is_tensor(t)]
+    return keys
+
+
+from snce.tokenizer.formats import taming  # noqa: E402,F401  (each module registers its formats)
