@@ -32,21 +32,27 @@ class CheckpointKeyError(ValueError):
 
 @dataclass(frozen=True)
 class Format:
-    """How one published layout stores a tokenizer. Keys below are the original's, after unnesting."""
+    """How one published layout stores a tokenizer. Keys below are the original's, after unnesting.
+
+    nesting: top-level entries that may hold the state dict, tried in order (none: a flat file).
+    signature: regexes; a state dict with a key matching each looks like this format.
+    ignored: regexes of keys that are not the tokenizer (losses, discriminators, EMA copies, usage counts).
+    config: original state -> the architecture, read from shapes.
+    to_snce / from_snce: original key <-> snce key (a bijection over the imported keys).
+    ema_nesting: the top-level entry holding EMA weights under the plain names (``--ema``), or
+    ema: a function from the original state to its EMA weights under the plain names.
+    """
 
     name: str
     description: str
-    nesting: tuple[str, ...]  # top-level entries that may hold the state dict, tried in order
-    signature: tuple[str, ...]  # regexes: a state dict matching all of them looks like this format
-    ignored: tuple[
-        str, ...
-    ]  # regexes of keys that are not part of the tokenizer (losses, EMA, ...)
-    config: Callable[[dict], TokenizerConfig]  # original state -> the architecture, from shapes
-    to_snce: Callable[[str, TokenizerConfig], str]  # original key -> snce key
-    from_snce: Callable[[str, TokenizerConfig], str]  # snce key -> original key
-    ema: Callable[[dict], dict] | None = (
-        None  # original state -> the EMA weights under the plain names
-    )
+    nesting: tuple[str, ...]
+    signature: tuple[str, ...]
+    ignored: tuple[str, ...]
+    config: Callable[[dict], TokenizerConfig]
+    to_snce: Callable[[str, TokenizerConfig], str]
+    from_snce: Callable[[str, TokenizerConfig], str]
+    ema_nesting: str | None = None
+    ema: Callable[[dict], dict] | None = None
 
 
 FORMATS: dict[str, Format] = {}
@@ -86,23 +92,28 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> d
 
 def state_dict_of(obj: Mapping, fmt: Format, *, ema: bool = False) -> dict[str, torch.Tensor]:
     """The original-named tensors of the tokenizer inside a loaded checkpoint, unnested and filtered."""
+    if ema and fmt.ema_nesting is None and fmt.ema is None:
+        raise ValueError(f"format {fmt.name!r} stores no EMA weights (drop --ema)")
+    nesting = (fmt.ema_nesting,) if ema and fmt.ema_nesting else fmt.nesting
     state = obj
-    for key in fmt.nesting:
+    for key in nesting:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
             break
+    else:
+        if ema and fmt.ema_nesting:
+            found = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+            raise CheckpointKeyError(
+                f"no EMA weights: no '{fmt.ema_nesting}' entry (found {found})"
+            )
     if not isinstance(state, Mapping) or not any(torch.is_tensor(v) for v in state.values()):
         top = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
         raise CheckpointKeyError(
-            f"no state dict found for format {fmt.name!r}: expected tensors at the top level or under "
-            f"one of {list(fmt.nesting)}, found {top}"
+            f"no state dict found: expected tensors at the top level or under one of "
+            f"{list(nesting)}, found {top}"
         )
     state = {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
-    if ema:
-        if fmt.ema is None:
-            raise ValueError(
-                f"format {fmt.name!r} stores no EMA weights in the same file (drop --ema)"
-            )
+    if ema and fmt.ema is not None:
         state = fmt.ema(state)
     ignored = [re.compile(p) for p in fmt.ignored]
     return {k: v for k, v in state.items() if not any(p.match(k) for p in ignored)}
@@ -165,7 +176,11 @@ def tokenizer_from_state(state: dict[str, torch.Tensor], fmt: Format) -> Tokeniz
         raise CheckpointKeyError("; ".join(problems))
     tokenizer = Tokenizer(cfg)
     weights = {new: state[orig].float() for new, orig in renamed.items()}
-    tokenizer.load_state_dict(weights, strict=False)  # buffers the format lacks keep their values
+    tokenizer.load_state_dict(weights, strict=False)  # bookkeeping buffers keep their values, but:
+    if hasattr(
+        tokenizer.quantizer, "initialized"
+    ):  # the codebook came from the file (no k-means init)
+        tokenizer.quantizer.initialized.fill_(True)
     return tokenizer.eval()
 
 
@@ -201,4 +216,5 @@ def _flat_keys(obj) -> list[str]:
     return keys
 
 
-from snce.tokenizer.formats import taming  # noqa: E402,F401  (each module registers its formats)
+# each module registers its format
+from snce.tokenizer.formats import ibq, llamagen, maskgit, taming, vqgan_lc  # noqa: E402,F401
