@@ -28,6 +28,7 @@ from torch import nn
 from snce.config import Config, ConfigError, atomic_write_text
 from snce.files import check_file, record_checksums, verified
 from snce.quantize import Quantizer, QuantizerOutput, build_quantizer, check_quantizer_config
+from snce.tokenizer.maskgit import MaskGITDecoder, MaskGITEncoder
 from snce.tokenizer.taming import TamingDecoder, TamingEncoder
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -92,6 +93,18 @@ class TokenizerConfig(Config):
                 raise ConfigError(
                     "attn_levels", f"levels run from 0 to {len(self.channel_mult) - 1}, got {bad}"
                 )
+        if self.architecture == "maskgit":
+            if self.mid_attention or self.attn_levels or self.z_channels is not None:
+                raise ConfigError(
+                    "architecture", "maskgit has no attention and no z_channels (its conv_out "
+                    "gives the codes): leave mid_attention, attn_levels and z_channels unset"
+                )  # fmt: skip
+            for width in (self.channels, *(self.channels * m for m in self.channel_mult)):
+                if width % 32:
+                    raise ConfigError(
+                        "channels", f"maskgit's GroupNorm has 32 groups: channels and each level's "
+                        f"width (channels x channel_mult) must be multiples of 32, got {width}"
+                    )  # fmt: skip
         if "kind" not in self.quantizer:
             raise ConfigError(
                 "quantizer", f"needs a 'kind' (e.g. vq, ibq, fvq, lc, regvq), got {self.quantizer}"
@@ -225,7 +238,11 @@ class Decoder(nn.Module):
         return self.conv_out(self.layers(z))
 
 
-ARCHITECTURES = {"snce": (Encoder, Decoder), "taming": (TamingEncoder, TamingDecoder)}
+ARCHITECTURES = {
+    "snce": (Encoder, Decoder),
+    "taming": (TamingEncoder, TamingDecoder),
+    "maskgit": (MaskGITEncoder, MaskGITDecoder),
+}
 
 
 class Tokenizer(nn.Module):
