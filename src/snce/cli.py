@@ -61,7 +61,8 @@ def add_tokenizer_commands(sub) -> None:
     imp.add_argument("checkpoint", help="the published file (.pt / .pth / .ckpt / .safetensors)")
     imp.add_argument("--format", required=True, help="its layout: llamagen | taming | ibq | vqgan-lc | maskgit")
     imp.add_argument("--out", required=True, help="tokenizer directory to create")
-    imp.add_argument("--ema", action="store_true", help="import the EMA weights the file holds (ibq)")
+    imp.add_argument("--ema", action="store_true", help="import the EMA weights the file holds (ibq, llamagen)")
+    imp.add_argument("--codebook", help="vqgan-lc: the frozen code features file (codebook-100K.pth) if the checkpoint lacks them")
     imp.add_argument(
         "--trust-pickle", action="store_true",
         help="unpickle a file that holds more than tensors (runs code from the file: trusted files only)",
@@ -151,7 +152,7 @@ def tokenizer_import(args) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} is not empty; pass --overwrite to replace the tokenizer there")
     tokenizer = import_tokenizer(
-        args.checkpoint, args.format, ema=args.ema, trust_pickle=args.trust_pickle
+        args.checkpoint, args.format, ema=args.ema, codebook=args.codebook, trust_pickle=args.trust_pickle
     )
     tokenizer.save_pretrained(out)
     q = tokenizer.quantizer

@@ -81,30 +81,26 @@ class TokenizerConfig(Config):
             raise ConfigError(
                 "architecture", "z_channels and attn_levels belong to imported layouts (e.g. 'taming')"
             )
-        if self.architecture == "taming":
-            for width in (self.channels * m for m in self.channel_mult):
+        if self.architecture != "snce":  # imported layouts: GroupNorm with 32 groups everywhere
+            for width in (self.channels, *(self.channels * m for m in self.channel_mult)):
                 if width % 32:
                     raise ConfigError(
-                        "channels", f"taming's GroupNorm has 32 groups: every level's width "
-                        f"(channels x channel_mult) must be a multiple of 32, got {width}"
+                        "channels", f"{self.architecture}'s GroupNorm has 32 groups: channels and each "
+                        f"level's width (channels x channel_mult) must be multiples of 32, got {width}"
                     )  # fmt: skip
+        if self.architecture == "taming":
             bad = [level for level in self.attn_levels if not 0 <= level < len(self.channel_mult)]
             if bad:
                 raise ConfigError(
                     "attn_levels", f"levels run from 0 to {len(self.channel_mult) - 1}, got {bad}"
                 )
-        if self.architecture == "maskgit":
-            if self.mid_attention or self.attn_levels or self.z_channels is not None:
-                raise ConfigError(
-                    "architecture", "maskgit has no attention and no z_channels (its conv_out "
-                    "gives the codes): leave mid_attention, attn_levels and z_channels unset"
-                )  # fmt: skip
-            for width in (self.channels, *(self.channels * m for m in self.channel_mult)):
-                if width % 32:
-                    raise ConfigError(
-                        "channels", f"maskgit's GroupNorm has 32 groups: channels and each level's "
-                        f"width (channels x channel_mult) must be multiples of 32, got {width}"
-                    )  # fmt: skip
+        if self.architecture == "maskgit" and (
+            self.mid_attention or self.attn_levels or self.z_channels is not None
+        ):
+            raise ConfigError(
+                "architecture", "maskgit has no attention and no z_channels (its conv_out "
+                "gives the codes): leave mid_attention, attn_levels and z_channels unset"
+            )  # fmt: skip
         if "kind" not in self.quantizer:
             raise ConfigError(
                 "quantizer", f"needs a 'kind' (e.g. vq, ibq, fvq, lc, regvq), got {self.quantizer}"
@@ -116,10 +112,18 @@ class TokenizerConfig(Config):
             )
         self.check_quantizer()
 
+    def quantizer_options(self) -> dict:
+        """``quantizer`` with its code dimension filled in (and, for a new LC quantizer, its base's
+        feature dimension: the base is then the k-means centres of the encoder's latents)."""
+        defaults = {"dim": self.latent_channels}
+        if self.quantizer.get("kind") == "lc":
+            defaults["feature_dim"] = self.latent_channels
+        return {**defaults, **self.quantizer}
+
     def check_quantizer(self) -> None:
         """The quantizer options as ``build_quantizer`` would take them (without allocating the codebook)."""
         try:
-            check_quantizer_config({**self.quantizer, "dim": self.latent_channels})
+            check_quantizer_config(self.quantizer_options())
         except (TypeError, ValueError) as e:
             raise ConfigError("quantizer", f"{e} (in {self.quantizer})") from None
 
@@ -254,7 +258,7 @@ class Tokenizer(nn.Module):
         self.config = cfg
         encoder, decoder = ARCHITECTURES[cfg.architecture]
         self.encoder = encoder(cfg)
-        self.quantizer: Quantizer = build_quantizer({**cfg.quantizer, "dim": cfg.latent_channels})
+        self.quantizer: Quantizer = build_quantizer(cfg.quantizer_options())
         self.decoder = decoder(cfg)
 
     @property

@@ -41,6 +41,7 @@ class Format:
     to_snce / from_snce: original key <-> snce key (a bijection over the imported keys).
     ema_nesting: the top-level entry holding EMA weights under the plain names (``--ema``), or
     ema: a function from the original state to its EMA weights under the plain names.
+    codebook_key: the key of a frozen codebook that may ship as a file of its own (``--codebook``).
     """
 
     name: str
@@ -53,6 +54,7 @@ class Format:
     from_snce: Callable[[str, TokenizerConfig], str]
     ema_nesting: str | None = None
     ema: Callable[[dict], dict] | None = None
+    codebook_key: str | None = None
 
 
 FORMATS: dict[str, Format] = {}
@@ -134,20 +136,49 @@ def import_tokenizer(
     format: str,
     *,
     ema: bool = False,
+    codebook: str | os.PathLike | None = None,
     trust_pickle: bool = False,
 ) -> Tokenizer:
-    """Read a published checkpoint in ``format`` (see ``FORMATS``) and return the snce Tokenizer (eval)."""
+    """Read a published checkpoint in ``format`` (see ``FORMATS``) and return the snce Tokenizer (eval).
+
+    ema: import the EMA weights the file holds. codebook: a file holding the format's frozen codebook
+    tensor when the checkpoint lacks it (VQGAN-LC's ``codebook-100K.pth``; checked against the
+    checkpoint's copy when both exist).
+    """
     fmt = _format(format)
     obj = read_checkpoint(path, trust_pickle=trust_pickle)
     try:
         state = state_dict_of(obj, fmt, ema=ema)
+        if codebook is not None:
+            state = _with_codebook(state, fmt, codebook, trust_pickle)
+        unmatched = [p for p in fmt.signature if not any(re.fullmatch(p, k) for k in state)]
+        if unmatched:
+            shown = ", ".join(p.replace("\\", "").replace("d+", "N") for p in unmatched)
+            lacks_codebook = fmt.codebook_key and fmt.codebook_key not in state
+            extra = (
+                f" (is {fmt.codebook_key} in a separate --codebook file?)" if lacks_codebook else ""
+            )
+            raise CheckpointKeyError(f"no key like {shown}{extra}")
         tokenizer = tokenizer_from_state(state, fmt)
     except CheckpointKeyError as e:
-        raw = _flat_keys(obj)
-        others = [name for name in detect_formats(raw) if name != fmt.name]
+        others = [name for name in detect_formats(_flat_keys(obj)) if name != fmt.name]
         hint = f"; its keys look like format {' or '.join(map(repr, others))}" if others else ""
         raise CheckpointKeyError(f"{path} as {fmt.name!r}: {e}{hint}") from None
     return tokenizer
+
+
+def _with_codebook(state: dict, fmt: Format, path, trust_pickle: bool) -> dict:
+    if fmt.codebook_key is None:
+        raise ValueError(f"format {fmt.name!r} has no separate codebook file (drop --codebook)")
+    table = read_checkpoint(path, trust_pickle=trust_pickle)
+    if not torch.is_tensor(table) or table.dim() != 2:
+        raise ValueError(
+            f"{path} must hold one (K, D) tensor (the codebook), got {type(table).__name__}"
+        )
+    held = state.get(fmt.codebook_key)
+    if held is not None and not torch.equal(held.float(), table.float()):
+        raise ValueError(f"{path} differs from the checkpoint's own {fmt.codebook_key}")
+    return {**state, fmt.codebook_key: table}
 
 
 def tokenizer_from_state(state: dict[str, torch.Tensor], fmt: Format) -> Tokenizer:
@@ -160,6 +191,9 @@ def tokenizer_from_state(state: dict[str, torch.Tensor], fmt: Format) -> Tokeniz
     with torch.device("meta"):
         expected = Tokenizer(cfg).state_dict()
     renamed = {fmt.to_snce(k, cfg): k for k in state}
+    if len(renamed) < len(state):
+        clashes = sorted(k for k in state if renamed[fmt.to_snce(k, cfg)] != k)
+        raise CheckpointKeyError(f"keys that map onto others' names: {', '.join(clashes[:6])}")
     unknown = sorted(orig for new, orig in renamed.items() if new not in expected)
     missing = sorted(fmt.from_snce(k, cfg) for k in expected if k not in renamed and _is_weight(k))
     misshapen = sorted(
@@ -176,10 +210,8 @@ def tokenizer_from_state(state: dict[str, torch.Tensor], fmt: Format) -> Tokeniz
         raise CheckpointKeyError("; ".join(problems))
     tokenizer = Tokenizer(cfg)
     weights = {new: state[orig].float() for new, orig in renamed.items()}
-    tokenizer.load_state_dict(weights, strict=False)  # bookkeeping buffers keep their values, but:
-    if hasattr(
-        tokenizer.quantizer, "initialized"
-    ):  # the codebook came from the file (no k-means init)
+    tokenizer.load_state_dict(weights, strict=False)  # bookkeeping buffers keep their values, but
+    if hasattr(tokenizer.quantizer, "initialized"):  # the codebook came from the file: no k-means
         tokenizer.quantizer.initialized.fill_(True)
     return tokenizer.eval()
 

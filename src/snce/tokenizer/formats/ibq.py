@@ -4,7 +4,9 @@ A Lightning checkpoint (``state_dict``) in taming's module names with 4 residual
 codebook ``quantize.embedding.weight`` (K x 256, K up to 262,144) is assigned by the unnormalised dot
 product z.e_k (argmax) and the raw code vector goes to the decoder: snce's ``ibq`` quantizer. The published
 numbers use the EMA weights, stored beside the plain ones as ``model_ema.<name with the dots removed>``
-(LitEma); ``--ema`` imports those. ``loss.*`` (LPIPS, discriminator) is not the tokenizer.
+(LitEma); ``--ema`` imports those. ``loss.*`` (LPIPS, discriminator) is not the tokenizer. Its keys are
+taming's, so nothing in a file without ``model_ema.*`` tells an IBQ from a taming VQGAN: ``--format``
+decides the assignment rule (dot product or squared l2).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ IBQ = register(
         name="ibq",
         description="SEED-Voken IBQ (Lightning state_dict; dot-product codebook; --ema for model_ema.*)",
         nesting=("state_dict",),
-        signature=(r"encoder\.down\.\d+\.block\.3\.conv1\.weight", r"quantize\.embedding\.weight"),
+        signature=TAMING.signature,  # the same keys: only the assignment rule tells them apart
         ignored=(r"loss\.", rf"{EMA_PREFIX}"),
         config=_config,
         to_snce=TAMING.to_snce,

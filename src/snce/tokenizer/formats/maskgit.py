@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from snce.tokenizer.formats import CheckpointKeyError, Format, register
-from snce.tokenizer.formats.taming import _count
+from snce.tokenizer.formats.taming import count_indices
 from snce.tokenizer.model import TokenizerConfig
 
 CODEBOOK = ("quantize.embedding.weight", "quantizer.embed")  # (MaskBit name, snce name)
@@ -37,7 +37,7 @@ def _config(state: dict[str, torch.Tensor]) -> TokenizerConfig:
         )
     conv_in = state["encoder.conv_in.weight"]  # (channels, in_channels, 3, 3)
     channels = conv_in.shape[0]
-    levels = _count(state, r"encoder\.down\.(\d+)\.")
+    levels = count_indices(state, r"encoder\.down\.(\d+)\.")
     widths = [state[f"encoder.down.{i}.res_blocks.0.conv1.weight"].shape[0] for i in range(levels)]
     if any(w % channels for w in widths):
         raise KeyError(
@@ -48,7 +48,7 @@ def _config(state: dict[str, torch.Tensor]) -> TokenizerConfig:
         in_channels=conv_in.shape[1],
         channels=channels,
         channel_mult=tuple(w // channels for w in widths),
-        num_res_blocks=_count(state, r"encoder\.down\.0\.res_blocks\.(\d+)\."),
+        num_res_blocks=count_indices(state, r"encoder\.down\.0\.res_blocks\.(\d+)\."),
         latent_channels=state["encoder.conv_out.weight"].shape[0],
         quantizer={"kind": "vq", "codebook_size": codebook_size, "metric": "l2"},
         architecture="maskgit",

@@ -41,8 +41,8 @@ def taming_config(state: dict[str, torch.Tensor], quantizer: dict) -> TokenizerC
     """The architecture of a state dict in taming's names (encoder side; the decoder must mirror it)."""
     conv_in = state["encoder.conv_in.weight"]  # (ch, in_channels, 3, 3)
     channels = conv_in.shape[0]
-    levels = _count(state, r"encoder\.down\.(\d+)\.")
-    blocks = _count(state, r"encoder\.down\.0\.block\.(\d+)\.")
+    levels = count_indices(state, r"encoder\.down\.(\d+)\.")
+    blocks = count_indices(state, r"encoder\.down\.0\.block\.(\d+)\.")
     widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
     if any(w % channels for w in widths):
         raise KeyError(
@@ -62,7 +62,7 @@ def taming_config(state: dict[str, torch.Tensor], quantizer: dict) -> TokenizerC
     )
 
 
-def _count(state: dict, pattern: str) -> int:
+def count_indices(state: dict, pattern: str) -> int:
     """1 + the largest index the pattern's group takes over the keys (0 if none matches)."""
     found = [int(m.group(1)) for k in state if (m := re.match(pattern, k))]
     return 1 + max(found) if found else 0

@@ -5,7 +5,8 @@ cluster centres (``tok_embeddings.weight``, K = 100,000) mapped by ``codebook_pr
 D, with bias); latents take the code nearest in squared l2 in the projected space, and the projected code
 goes to the decoder: snce's ``lc`` quantizer (``base`` = the centres, ``projector`` = the projection).
 Weights sit under ``state_dict`` (``model`` in files named "last"); ``discriminator.*`` and
-``perceptual_loss.*`` are not the tokenizer.
+``perceptual_loss.*`` are not the tokenizer. Where a file lacks the centres, ``--codebook
+codebook-100K.pth`` (the (K, 768) tensor VQGAN-LC loads them from) supplies them.
 """
 
 from __future__ import annotations
@@ -45,5 +46,6 @@ VQGAN_LC = register(
         config=_config,
         to_snce=_to_snce,
         from_snce=_from_snce,
+        codebook_key="tok_embeddings.weight",
     )
 )
