@@ -195,18 +195,40 @@ def add_generator_commands(sub) -> None:
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     train.set_defaults(func=generator_train)
 
-    smp = sub.add_parser("sample", help="sample a trained generator, decode with its tokenizer, save a PNG grid")
+    smp = sub.add_parser(
+        "sample",
+        help="sample a trained generator, decode with its tokenizer: a PNG grid, or --out-dir DIR "
+        "(one PNG per image + ADM .npz; resumable; torchrun splits it, same images on any ranks)",
+    )
     smp.add_argument("--checkpoint", required=True, help="a run directory or its generator/ directory")
     smp.add_argument("--tokenizer", help="tokenizer directory (default: the one recorded at training time)")
     smp.add_argument("--classes", type=int, nargs="+", help="class ids to sample (default: every class)")
     smp.add_argument("--num", type=int, help="number of samples (classes repeat to fill it)")
+    smp.add_argument(
+        "--per-class", type=int, metavar="N",
+        help="with --out-dir: N images per class (--classes, default all); image i: class i // N",
+    )  # fmt: skip
     smp.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the run's)")
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--out", help="PNG grid to write")
-    smp.add_argument("--npz", help="also write tokens, labels and uint8 images (N, H, W, C) to this .npz")
-    smp.add_argument("--batch-size", type=int, default=64)
+    smp.add_argument(
+        "--npz",
+        help="also write tokens, labels and uint8 images (N, H, W, C) to this .npz; --out-dir: "
+        "the ADM evaluator's .npz (arr_0 uint8 (N, H, W, 3), labels), default DIR/samples.npz",
+    )
+    smp.add_argument(
+        "--out-dir", metavar="DIR",
+        help="one lossless PNG per image (000000.png, ...), manifest.json, the npz; rerun: resume",
+    )  # fmt: skip
+    smp.add_argument(
+        "--batch-size", type=int, default=64,
+        help="images per forward; with --out-dir part of the result (one seed per global batch)",
+    )  # fmt: skip
     smp.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    smp.add_argument("--overwrite", action="store_true", help="replace existing --out / --npz files")
+    smp.add_argument(
+        "--overwrite", action="store_true",
+        help="replace existing --out / --npz; --out-dir: delete its PNGs, manifest, start over",
+    )  # fmt: skip
     smp.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="sampling setting, e.g. --set temperature=0.9 --set top_k=100 --set steps=12",
@@ -230,16 +252,21 @@ def sample_command(args) -> int:
     import torch
 
     from snce.config import apply_override, parse_override
-    from snce.train.distributed import resolve_device
+    from snce.train.distributed import cleanup_distributed, init_distributed, resolve_device
     from snce.train.generator import SampleConfig, load_for_sampling, sample_images
     from snce.train.images import save_image_grid
 
-    if not (args.out or args.npz):
-        raise ConfigError("", "give --out grid.png and/or --npz samples.npz")
-    for path in (args.out, args.npz):
+    if args.out_dir and args.out:
+        raise ConfigError("", "--out (a grid) and --out-dir (one PNG per image): give one of them")
+    if not (args.out or args.npz or args.out_dir):
+        raise ConfigError("", "give --out grid.png and/or --npz samples.npz, or --out-dir DIR")
+    if args.per_class is not None and not args.out_dir:
+        raise ConfigError("", "--per-class needs --out-dir DIR (one PNG per image)")
+    for path in () if args.out_dir else (args.out, args.npz):
         if path and Path(path).exists() and not args.overwrite:
             raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    device = resolve_device(args.device)
+    dist = init_distributed(args.device) if args.out_dir else None  # torchrun splits --out-dir jobs
+    device = dist.device if dist else resolve_device(args.device)
     model, tokenizer, run = load_for_sampling(args.checkpoint, args.tokenizer, device)
     data = dict(run.get("sample", {}))
     if args.cfg is not None:
@@ -248,6 +275,21 @@ def sample_command(args) -> int:
         apply_override(data, SampleConfig, *parse_override(item))
     settings = SampleConfig.from_dict(data)
     n_cls = model.config.num_classes
+    if settings.cfg_scale is not None and n_cls == 0:
+        raise ValueError("--cfg needs a class-conditional generator; this one has num_classes=0")
+    if args.out_dir:
+        from snce.train.sample_job import sample_to_dir
+
+        result = sample_to_dir(
+            model, tokenizer, settings, args.out_dir, dist=dist, checkpoint=args.checkpoint,
+            tokenizer_path=args.tokenizer or run.get("tokenizer", ""), classes=args.classes,
+            per_class=args.per_class, num=args.num, seed=args.seed, batch_size=args.batch_size,
+            npz=args.npz, overwrite=args.overwrite,
+        )  # fmt: skip
+        cleanup_distributed()
+        if result is not None:  # rank 0
+            print(result.summary())
+        return 0
     classes = None
     if n_cls > 0:
         base = torch.tensor(args.classes) if args.classes else torch.arange(n_cls)
@@ -255,8 +297,6 @@ def sample_command(args) -> int:
         classes = base.repeat(-(-(args.num or len(base)) // len(base)))[: args.num or len(base)]
     elif args.classes:
         raise ValueError("--classes given, but the generator is unconditional (num_classes=0)")
-    if settings.cfg_scale is not None and n_cls == 0:
-        raise ValueError("--cfg needs a class-conditional generator; this one has num_classes=0")
     if args.out and tokenizer is None:
         raise ValueError("--out needs a tokenizer to decode the samples (--tokenizer DIR)")
     gen = torch.Generator(device=device).manual_seed(args.seed)

@@ -292,15 +292,21 @@ def train_generator(cfg: GeneratorRunConfig, *, resume: bool = False) -> Generat
     return load_generator(out / "generator").eval()
 
 
+def generator_dir(checkpoint: str) -> Path:
+    """The saved generator of ``checkpoint``: a run's ``generator/`` directory or that directory itself."""
+    path = Path(checkpoint)
+    if (path / "generator" / "model.safetensors").is_file():  # a run directory
+        path = path / "generator"
+    return path
+
+
 def load_for_sampling(checkpoint: str, tokenizer: str | None = None, device="cpu"):
     """Generator + tokenizer + run info for ``snce sample``.
 
     ``checkpoint``: a run's ``generator/`` directory or the run directory itself. ``tokenizer``: overrides the
     path recorded at training time; its codebook hash must equal the one the generator was trained on.
     """
-    path = Path(checkpoint)
-    if (path / "generator" / "model.safetensors").is_file():  # a run directory
-        path = path / "generator"
+    path = generator_dir(checkpoint)
     model = load_generator(path, map_location="cpu").to(device).eval()
     run_file = path / RUN_FILE
     run = json.loads(run_file.read_text()) if run_file.is_file() else {}
