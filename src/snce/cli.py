@@ -56,12 +56,12 @@ def add_tokenizer_commands(sub) -> None:
     ev.set_defaults(func=tokenizer_eval)
 
     imp = actions.add_parser(
-        "import", help="turn a published checkpoint (LlamaGen, taming, IBQ, VQGAN-LC, MaskGIT) into a tokenizer"
+        "import", help="turn a published checkpoint (LlamaGen, taming, IBQ, VQGAN-LC, MaskGIT, Open-MAGVIT2) into a tokenizer"
     )
     imp.add_argument("checkpoint", help="the published file (.pt / .pth / .ckpt / .safetensors)")
-    imp.add_argument("--format", required=True, help="its layout: llamagen | taming | ibq | vqgan-lc | maskgit")
+    imp.add_argument("--format", required=True, help="its layout: llamagen | taming | ibq | vqgan-lc | maskgit | open-magvit2")
     imp.add_argument("--out", required=True, help="tokenizer directory to create")
-    imp.add_argument("--ema", action="store_true", help="import the EMA weights the file holds (ibq, llamagen)")
+    imp.add_argument("--ema", action="store_true", help="import the EMA weights the file holds (ibq, llamagen, open-magvit2)")
     imp.add_argument("--codebook", help="vqgan-lc: the frozen code features file (codebook-100K.pth) if the checkpoint lacks them")
     imp.add_argument(
         "--trust-pickle", action="store_true",

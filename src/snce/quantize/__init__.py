@@ -23,13 +23,21 @@ from snce.quantize.fvq import (
 )
 from snce.quantize.ibq import IBQuantizer
 from snce.quantize.lc import LCQuantizer
+from snce.quantize.lfq import LFQuantizer
 from snce.quantize.regvq import RegularizedQuantizer
 from snce.quantize.search import METRICS, code_blocks, nearest_code, nearest_codes
 from snce.quantize.vq import VectorQuantizer
 
 QUANTIZERS: dict[str, type[Quantizer]] = {
     cls.kind: cls
-    for cls in (VectorQuantizer, IBQuantizer, FVQuantizer, LCQuantizer, RegularizedQuantizer)
+    for cls in (
+        VectorQuantizer,
+        IBQuantizer,
+        FVQuantizer,
+        LCQuantizer,
+        RegularizedQuantizer,
+        LFQuantizer,
+    )
 }
 
 
@@ -64,6 +72,7 @@ __all__ = [
     "FVQuantizer",
     "IBQuantizer",
     "LCQuantizer",
+    "LFQuantizer",
     "METRICS",
     "QUANTIZERS",
     "Quantizer",

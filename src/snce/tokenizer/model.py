@@ -28,6 +28,7 @@ from torch import nn
 from snce.config import Config, ConfigError, atomic_write_text
 from snce.files import check_file, record_checksums, verified
 from snce.quantize import Quantizer, QuantizerOutput, build_quantizer, check_quantizer_config
+from snce.tokenizer.magvit2 import MAGVIT2Decoder, MAGVIT2Encoder
 from snce.tokenizer.maskgit import MaskGITDecoder, MaskGITEncoder
 from snce.tokenizer.taming import TamingDecoder, TamingEncoder
 
@@ -53,7 +54,8 @@ class TokenizerConfig(Config):
     latent_channels: int = 8  # D: encoder output and code dimension
     quantizer: dict = field(default_factory=lambda: {"kind": "vq", "codebook_size": 1024})
     # "snce" (this module's encoder and decoder) or the layout of an imported tokenizer: "taming"
-    # (taming-transformers, LlamaGen, IBQ, VQGAN-LC; snce.tokenizer.taming), "maskgit" (MaskBit's port).
+    # (taming-transformers, LlamaGen, IBQ, VQGAN-LC; snce.tokenizer.taming), "maskgit" (MaskBit's port),
+    # "open-magvit2" (Open-MAGVIT2's LFQ tokenizer; snce.tokenizer.magvit2).
     architecture: str = "snce"
     z_channels: int | None = None  # taming: encoder output width before the 1x1 quant_conv to the codes
     attn_levels: tuple[int, ...] = ()  # taming: levels (0 = full resolution) with attention after each block
@@ -94,12 +96,12 @@ class TokenizerConfig(Config):
                 raise ConfigError(
                     "attn_levels", f"levels run from 0 to {len(self.channel_mult) - 1}, got {bad}"
                 )
-        if self.architecture == "maskgit" and (
+        if self.architecture in ("maskgit", "open-magvit2") and (
             self.mid_attention or self.attn_levels or self.z_channels is not None
         ):
             raise ConfigError(
-                "architecture", "maskgit has no attention and no z_channels (its conv_out "
-                "gives the codes): leave mid_attention, attn_levels and z_channels unset"
+                "architecture", f"{self.architecture} has no attention and no z_channels (its "
+                "conv_out gives the codes): leave mid_attention, attn_levels and z_channels unset"
             )  # fmt: skip
         if "kind" not in self.quantizer:
             raise ConfigError(
@@ -246,6 +248,7 @@ ARCHITECTURES = {
     "snce": (Encoder, Decoder),
     "taming": (TamingEncoder, TamingDecoder),
     "maskgit": (MaskGITEncoder, MaskGITDecoder),
+    "open-magvit2": (MAGVIT2Encoder, MAGVIT2Decoder),
 }
 
 

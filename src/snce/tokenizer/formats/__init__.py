@@ -249,4 +249,4 @@ def _flat_keys(obj) -> list[str]:
 
 
 # each module registers its format
-from snce.tokenizer.formats import ibq, llamagen, maskgit, taming, vqgan_lc  # noqa: E402,F401
+from snce.tokenizer.formats import ibq, llamagen, maskgit, open_magvit2, taming, vqgan_lc  # noqa: E402,F401
