@@ -308,8 +308,12 @@ class Tokenizer(nn.Module):
         return self.decoder(self.quantizer.lookup(indices))
 
     def codebook_hash(self) -> str:
-        """sha256 of the quantizer's weights, which fix the codebook: identifies what indices mean."""
+        """sha256 of the quantizer's weights, which fix the codebook: identifies what indices mean.
+        A quantizer without weights (LFQ's implicit codebook) is identified by its kind and size."""
         h = hashlib.sha256(self.quantizer.metric.encode())
+        if not self.quantizer.state_dict():
+            q = self.quantizer
+            h.update(f"{q.config['kind']}:{q.codebook_size}:{q.dim}".encode())
         for name, t in sorted(self.quantizer.state_dict().items()):
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             flat = t.detach().cpu().contiguous().reshape(-1)  # 1-D: any dtype views as bytes

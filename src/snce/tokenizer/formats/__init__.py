@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,12 @@ def state_dict_of(obj: Mapping, fmt: Format, *, ema: bool = False) -> dict[str, 
     state = {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
     if ema and fmt.ema is not None:
         state = fmt.ema(state)
+    elif fmt.ema is not None and any(k.startswith("model_ema.") for k in state):
+        warnings.warn(
+            "the file also holds EMA weights (model_ema.*), which published results use; "
+            "pass --ema (ema=True) to import those",
+            stacklevel=3,
+        )
     ignored = [re.compile(p) for p in fmt.ignored]
     return {k: v for k, v in state.items() if not any(p.match(k) for p in ignored)}
 
