@@ -335,11 +335,23 @@ def add_study_commands(sub) -> None:
     study.set_defaults(func=study_command)
 
     ev = sub.add_parser(
-        "eval", help="FID/KID/IS/precision-recall/class consistency of a generator or of sample images"
-    )
-    src = ev.add_mutually_exclusive_group(required=True)
+        "eval", help="FID/KID/IS/precision-recall/class consistency of a generator or of sample images",
+        description="snce eval SAMPLES.npz --ref REF.npz: the ADM evaluator's FID, sFID, IS, precision and "
+        "recall (the numbers papers report) with a protocol record; snce eval --make-ref FOLDER --out REF.npz: "
+        "a reference batch in ADM's layout; --checkpoint / --samples: snce's metrics against a dataset.",
+    )  # fmt: skip
+    ev.add_argument("npz", nargs="?", metavar="SAMPLES.npz", help="samples in ADM's layout (arr_0 uint8 N x H x W x 3)")
+    src = ev.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="generator run directory (or its generator/): sample, decode, measure")
     src.add_argument("--samples", help="an .npz from `snce sample --npz`, or a folder of images")
+    src.add_argument("--make-ref", metavar="FOLDER", help="write a reference batch of these real images to --out")
+    ev.add_argument("--ref", metavar="REF.npz", help="reference batch (arr_0 images and/or mu, sigma, mu_s, sigma_s)")
+    ev.add_argument(
+        "--resize", default="bilinear-antialias", choices=["bilinear-antialias", "tf-bilinear"],
+        help="ADM protocol: how images reach 299 x 299 (tf-bilinear: the ADM graph's own)",
+    )  # fmt: skip
+    ev.add_argument("--size", type=int, default=256, help="--make-ref: image size (ADM's centre crop)")
+    ev.add_argument("--batch-size", type=int, default=64, help="ADM protocol: images per Inception batch")
     ev.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
         help="the real data to compare with (default: the tokenizer's, else digits), e.g. --set data.path=DIR",
@@ -349,7 +361,7 @@ def add_study_commands(sub) -> None:
     ev.add_argument("--cache-dir", help="where the built-in domain classifier is cached (default ~/.cache/snce)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ev.add_argument("--out", help="also write the numbers to this JSON file")
+    ev.add_argument("--out", help="also write the numbers to this JSON file (--make-ref: the REF.npz to write)")
     ev.set_defaults(func=eval_command)
 
 
@@ -365,6 +377,17 @@ def study_command(args) -> int:
 
 
 def eval_command(args) -> int:
+    chosen = [n for n, v in (("SAMPLES.npz", args.npz), ("--checkpoint", args.checkpoint),
+                             ("--samples", args.samples), ("--make-ref", args.make_ref)) if v]  # fmt: skip
+    if len(chosen) != 1:
+        raise ValueError(
+            "snce eval takes one of SAMPLES.npz (with --ref), --checkpoint, --samples or --make-ref (with --out), "
+            f"got {', '.join(chosen) or 'none'}"
+        )
+    if args.npz or args.make_ref:
+        return _eval_adm(args)
+    if args.ref:
+        raise ValueError("--ref goes with SAMPLES.npz (the ADM protocol), not with --checkpoint or --samples")
     import torch
 
     from snce.metrics.samples import DEFAULT_CACHE, evaluate_samples, load_samples
@@ -404,6 +427,35 @@ def eval_command(args) -> int:
         from snce.config import atomic_write_text
 
         atomic_write_text(args.out, json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def _eval_adm(args) -> int:
+    """``snce eval SAMPLES.npz --ref REF.npz`` and ``snce eval --make-ref FOLDER --out REF.npz``."""
+    from snce.config import atomic_write_text
+    from snce.metrics import adm
+    from snce.train.distributed import resolve_device
+
+    device = resolve_device(args.device)
+    options = dict(inception_weights=args.inception_weights, resize=args.resize, batch_size=args.batch_size,
+                   device=device)  # fmt: skip
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.make_ref:
+        if not args.out:
+            raise ValueError("--make-ref needs --out REF.npz, the reference batch to write")
+        protocol = adm.make_reference(args.make_ref, args.out, size=args.size, **options)
+        ref = protocol["reference"]
+        print(f"wrote {args.out}: {ref['count']} images at {args.size} px, {ref['classes']} class(es), "
+              f"mu/sigma and mu_s/sigma_s ({args.resize} resize to 299)")  # fmt: skip
+        return 0
+    if not args.ref:
+        raise ValueError("SAMPLES.npz needs --ref REF.npz, the reference batch to compare with")
+    result = adm.evaluate(args.npz, args.ref, **options)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
     return 0
 
 

@@ -1,6 +1,10 @@
 """Evaluation: FID/KID/IS/precision-recall in Inception or built-in domain feature space, class consistency,
-usage and entropy of generated codes, validation NLL (hard and soft)."""
+usage and entropy of generated codes, validation NLL (hard and soft); the ADM evaluator's protocol (FID, sFID,
+IS, precision, recall against a reference batch) in :mod:`snce.metrics.adm`."""
 
+from snce.metrics import adm
+from snce.metrics.adm import GaussianStatistics, make_reference, read_npz, write_reference
+from snce.metrics.adm import evaluate as evaluate_adm
 from snce.metrics.domain import (
     DomainClassifier,
     DomainClassifierConfig,
@@ -19,17 +23,26 @@ from snce.metrics.image import (
     kernel_distance,
     precision_recall,
 )
-from snce.metrics.inception import InceptionV3, load_inception, resolve_weights_path
+from snce.metrics.inception import (
+    InceptionOutputs,
+    InceptionV3,
+    load_inception,
+    resolve_weights_path,
+)
 from snce.metrics.tokens import code_statistics, validation_nll
 
 __all__ = [
     "DomainClassifier",
     "DomainClassifierConfig",
     "FeatureStatistics",
+    "GaussianStatistics",
     "ImageEvaluator",
+    "InceptionOutputs",
     "InceptionV3",
+    "adm",
     "class_consistency",
     "code_statistics",
+    "evaluate_adm",
     "extract",
     "feature_network",
     "frechet_distance",
@@ -38,8 +51,11 @@ __all__ = [
     "kernel_distance",
     "load_inception",
     "load_or_train_domain_classifier",
+    "make_reference",
     "precision_recall",
+    "read_npz",
     "resolve_weights_path",
     "train_domain_classifier",
     "validation_nll",
+    "write_reference",
 ]

@@ -7,20 +7,57 @@ files distributed for pytorch-fid (``pt_inception-2015-12-05-6726825d.pth``) and
 (``weights-inception-2015-12-05-6726825d.pth``) load as they are. snce never downloads them: pass a path
 (``--inception-weights PATH``) or set ``SNCE_INCEPTION_WEIGHTS``.
 
-Inputs (in [-1, 1], snce's image range) are resized to 299 x 299 with bilinear interpolation; the numbers are close to,
-not bit-identical with, the TensorFlow evaluator (whose resize differs slightly).
+Two entry points share one trunk:
+
+- ``net(images)``: snce's images in [-1, 1] (N, C, H, W), resized to 299 x 299 with bilinear interpolation
+  -> (pool_3 features (N, 2048), logits (N, 1008)); used by ``snce eval --checkpoint/--samples``.
+- ``net.adm_features(pixels, resize=...)``: what OpenAI's ADM evaluator (guided-diffusion
+  ``evaluations/evaluator.py``) reads from the TensorFlow graph, for uint8 pixels (N, H, W, 3) in [0, 255]:
+  resized to 299 x 299 (see :data:`RESIZE_METHODS`), mapped by (x - 128) / 128 as the graph does, then
+
+  - ``pool`` (N, 2048): the graph's ``pool_3:0``, the mean of Mixed_7c's output (FID, precision/recall);
+  - ``spatial`` (N, 2023 = 17 * 17 * 7): ``mixed_6/conv:0[..., :7]`` flattened from NHWC, i.e. channels 0-6
+    of Mixed_6d's 1x1 branch (after BatchNorm and ReLU) in (H, W, C) order (sFID);
+  - ``logits`` (N, 1008): ``pool_3`` times the weight of ``softmax/logits/MatMul``, no bias (IS).
+
+  The graph's ``mixed``, ``mixed_1``, ... ``mixed_10`` are torchvision's Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d, 6e,
+  7a, 7b, 7c, so ``mixed_6/conv`` is Mixed_6d's 1x1 branch (192 channels at 17 x 17). The spatial features are
+  flattened in TensorFlow's (H, W, C) order, so their mean and covariance line up with the ``mu_s``/``sigma_s``
+  of ADM reference batches.
+
+The numbers are close to, not bit-identical with, the TensorFlow evaluator: convolutions run in PyTorch
+(float32) and the resize is a documented choice, not the graph's own unless ``resize="tf-bilinear"``.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 ENV_VAR = "SNCE_INCEPTION_WEIGHTS"
+
+# sFID's features: the first 7 of the 192 channels of ``mixed_6/conv`` (Mixed_6d's 1x1 branch), at 17 x 17.
+SPATIAL_CHANNELS = 7
+SPATIAL_FEATURES = 17 * 17 * SPATIAL_CHANNELS  # 2023
+
+# How pixels reach 299 x 299 on the ADM path. "bilinear-antialias": bilinear with half-pixel centres and, when
+# shrinking, a triangle filter widened to the scale (PIL's antialiased bilinear; clean-fid's advice that the
+# resize must not alias). "tf-bilinear": the TensorFlow-1 ``ResizeBilinear`` inside the ADM evaluator's graph
+# (align_corners=False, no half-pixel centres, no antialiasing), for numbers closest to that evaluator's.
+RESIZE_METHODS = ("bilinear-antialias", "tf-bilinear")
+
+
+class InceptionOutputs(NamedTuple):
+    """The ADM evaluator's three feature sets of one batch (see the module docstring)."""
+
+    pool: torch.Tensor  # (N, 2048) pool_3: FID, precision/recall
+    spatial: torch.Tensor  # (N, 2023) mixed_6/conv[..., :7] in (H, W, C) order: sFID
+    logits: torch.Tensor  # (N, 1008) pool_3 @ W, no bias: IS (softmax over all 1008 outputs)
 
 
 class BasicConv2d(nn.Module):
@@ -85,11 +122,16 @@ class InceptionC(nn.Module):
         self.branch_pool = BasicConv2d(c_in, 192, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_branch1x1(x)[0]
+
+    def forward_with_branch1x1(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block output, the 1x1 branch's output): in Mixed_6d the latter is the graph's ``mixed_6/conv``."""
+        b1 = self.branch1x1(x)
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         d = x
         for i in range(1, 6):
             d = getattr(self, f"branch7x7dbl_{i}")(d)
-        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_avg_pool(x))], 1)
+        return torch.cat([b1, b7, d, self.branch_pool(_avg_pool(x))], 1), b1
 
 
 class InceptionD(nn.Module):
@@ -170,14 +212,77 @@ class InceptionV3(nn.Module):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        out = self.trunk(x, spatial=False)
+        return out.pool, out.logits
+
+    def trunk(self, x: torch.Tensor, *, spatial: bool = True) -> InceptionOutputs:
+        """The network on prepared inputs x (N, 3, 299, 299) in [-1, 1]; ``spatial=False`` leaves
+        ``spatial`` empty (N, 0)."""
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
+        conv = x.new_zeros(x.shape[0], 0)
         for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
-            x = getattr(self, f"Mixed_{name}")(x)
-        features = x.mean(dim=(2, 3))  # (N, 2048)
-        return features, features @ self.fc.weight.T
+            if name == "6d" and spatial:
+                x, conv = self.Mixed_6d.forward_with_branch1x1(x)  # conv: (N, 192, 17, 17)
+                # TensorFlow's NHWC layout: channels last, then flattened as (H, W, C)
+                conv = conv[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+            else:
+                x = getattr(self, f"Mixed_{name}")(x)
+        pool = x.mean(dim=(2, 3))  # (N, 2048): pool_3, the 8 x 8 average pool
+        return InceptionOutputs(pool, conv, pool @ self.fc.weight.T)
+
+    def adm_features(
+        self, pixels: torch.Tensor, *, resize: str = "bilinear-antialias"
+    ) -> InceptionOutputs:
+        """The ADM evaluator's features of ``pixels`` (N, H, W, 3 or 1), uint8 in [0, 255] (channels last, as
+        in an ADM ``.npz``; grey is repeated to RGB): resized to 299 x 299 by ``resize`` (one of
+        :data:`RESIZE_METHODS`) in [0, 255], then (x - 128) / 128, as the TensorFlow graph does."""
+        if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[-1] not in (1, 3):
+            raise ValueError(
+                f"pixels must be uint8 (N, H, W, 1 or 3), got {pixels.dtype} {tuple(pixels.shape)}"
+            )
+        device = self.fc.weight.device
+        x = pixels.to(device).permute(0, 3, 1, 2).float()  # (N, C, H, W) in [0, 255]
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = resize_299(x, resize)
+        return self.trunk((x - 128.0) / 128.0, spatial=True)
+
+
+def resize_299(x: torch.Tensor, method: str) -> torch.Tensor:
+    """(N, C, H, W) float -> (N, C, 299, 299) by one of :data:`RESIZE_METHODS` (identity at 299 x 299)."""
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"resize must be one of {RESIZE_METHODS}, got {method!r}")
+    if x.shape[-2:] == (299, 299):
+        return x
+    if method == "tf-bilinear":
+        return tf1_resize_bilinear(x, 299, 299)
+    return F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False, antialias=True)
+
+
+def tf1_resize_bilinear(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """TensorFlow 1's ``ResizeBilinear`` (align_corners=False, half_pixel_centers=False) on (N, C, H, W).
+
+    Output pixel i samples the input at s = i * (in / out) (float32): the lerp of rows floor(s) and
+    min(floor(s) + 1, in - 1) with weight s - floor(s); first along the width, then along the height, as
+    TensorFlow's kernel does. No antialiasing: shrinking skips input pixels.
+    """
+
+    def along(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+        n = t.shape[dim]
+        scale = torch.tensor(n / size, dtype=torch.float32)
+        src = torch.arange(size, dtype=torch.float32) * scale  # (size,)
+        lo = src.floor().long().clamp(max=n - 1)
+        hi = (lo + 1).clamp(max=n - 1)
+        shape = [1] * t.ndim
+        shape[dim] = size
+        w = (src - lo.float()).view(shape).to(t.device)
+        a, b = t.index_select(dim, lo.to(t.device)), t.index_select(dim, hi.to(t.device))
+        return a + (b - a) * w
+
+    return along(along(x.float(), 3, width), 2, height)
 
 
 def resolve_weights_path(path: str | os.PathLike | None) -> Path | None:
