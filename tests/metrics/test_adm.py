@@ -134,7 +134,9 @@ def test_precision_recall_known_answers(dtype):
     b = a + np.float32(10.0)  # a second cluster, far from the first but within float16's range
     kw = dict(distance_dtype=dtype)
     assert adm.precision_recall(a, a.copy(), **kw) == (1.0, 1.0)  # identical sets
-    far = a + np.float32(1000.0)  # squared distances ~ 8e6: float16 overflows, ADM's float32 fallback
+    far = a + np.float32(
+        1000.0
+    )  # squared distances ~ 8e6: float16 overflows, ADM's float32 fallback
     assert adm.precision_recall(a, far, **kw) == (0.0, 0.0)
     # the samples are one of the reference's two clusters: all of them are real, half the reference is covered
     assert adm.precision_recall(np.concatenate([a, b]), a.copy(), **kw) == (1.0, 0.5)
@@ -179,8 +181,12 @@ def test_float16_distances_round_like_adm_and_fall_back_on_overflow():
     d16 = adm._sq_distances(u, v, "float16")
     d32 = adm._sq_distances(u, v, "float32")
     assert torch.equal(d16, d16.half().float())  # every value is a float16 value
-    torch.testing.assert_close(d16, torch.cdist(u.double(), v.double()).pow(2).float(), rtol=2e-2, atol=1)
-    torch.testing.assert_close(d32, torch.cdist(u.double(), v.double()).pow(2).float(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(
+        d16, torch.cdist(u.double(), v.double()).pow(2).float(), rtol=2e-2, atol=1
+    )
+    torch.testing.assert_close(
+        d32, torch.cdist(u.double(), v.double()).pow(2).float(), rtol=1e-5, atol=1e-3
+    )
     big = u * 100  # squared norms ~ 5e5 > 65504: the float16 block is not finite -> float32
     assert torch.equal(adm._sq_distances(big, v, "float16"), adm._sq_distances(big, v, "float32"))
 
@@ -209,7 +215,9 @@ def test_reference_batch_round_trips_the_adm_layout(tmp_path):
     with np.load(path) as z:  # exactly ADM's keys and dtypes (+ labels and snce's record)
         assert set(z.files) == {"arr_0", "arr_1", "mu", "sigma", "mu_s", "sigma_s", "snce_protocol"}
         assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (7, 9, 11, 3)
-        assert z["mu"].dtype == z["sigma"].dtype == z["mu_s"].dtype == z["sigma_s"].dtype == np.float64
+        assert (
+            z["mu"].dtype == z["sigma"].dtype == z["mu_s"].dtype == z["sigma_s"].dtype == np.float64
+        )
     got = read_npz(path)
     assert len(got.images) == 7 and got.protocol == {"resize": "x"}
     np.testing.assert_array_equal(np.concatenate(list(got.images.batches(3))), images)
@@ -235,12 +243,16 @@ def test_images_stream_from_files_numpy_writes(tmp_path, save):
 def test_streamed_writer_matches_numpy_and_checks_counts(tmp_path):
     images = np.random.default_rng(2).integers(0, 256, size=(5, 4, 4, 3), dtype=np.uint8)
     adm.write_npz(
-        tmp_path / "a.npz", {"arr_0": iter([images[:2], images[2:]])}, shapes={"arr_0": images.shape}
+        tmp_path / "a.npz",
+        {"arr_0": iter([images[:2], images[2:]])},
+        shapes={"arr_0": images.shape},
     )
     with np.load(tmp_path / "a.npz") as z:
         np.testing.assert_array_equal(z["arr_0"], images)
     with pytest.raises(ValueError, match="wrote 2 rows, declared 5"):
-        adm.write_npz(tmp_path / "b.npz", {"arr_0": iter([images[:2]])}, shapes={"arr_0": images.shape})
+        adm.write_npz(
+            tmp_path / "b.npz", {"arr_0": iter([images[:2]])}, shapes={"arr_0": images.shape}
+        )
     assert not (tmp_path / "b.npz").exists() and not list(tmp_path.glob(".*tmp*"))
 
 
@@ -254,7 +266,9 @@ def test_npz_reader_errors_name_the_problem(tmp_path):
     np.savez(tmp_path / "e.npz", other=np.zeros(2))
     with pytest.raises(ValueError, match="neither images"):
         read_npz(tmp_path / "e.npz")
-    np.savez(tmp_path / "stats.npz", mu=np.zeros(2), sigma=np.eye(2), mu_s=np.zeros(1), sigma_s=np.eye(1))
+    np.savez(
+        tmp_path / "stats.npz", mu=np.zeros(2), sigma=np.eye(2), mu_s=np.zeros(1), sigma_s=np.eye(1)
+    )
     with pytest.raises(ValueError, match="no images"):
         read_npz(tmp_path / "stats.npz", need_images=True)
 
@@ -301,8 +315,12 @@ def test_adm_features_are_the_graph_tensors_adm_reads():
 def test_resizes():
     x = torch.tensor([[[[0.0, 10.0]]]])  # (1, 1, 1, 2)
     # TF-1 ResizeBilinear 2 -> 4: source x = i * 0.5 -> 0, 0.5, 1, 1.5 (clamped to the last pixel)
-    torch.testing.assert_close(tf1_resize_bilinear(x, 1, 4), torch.tensor([[[[0.0, 5.0, 10.0, 10.0]]]]))
-    y = torch.arange(4.0).view(1, 1, 1, 4)  # 4 -> 2: source x = 0, 2 (no antialiasing: pixels skipped)
+    torch.testing.assert_close(
+        tf1_resize_bilinear(x, 1, 4), torch.tensor([[[[0.0, 5.0, 10.0, 10.0]]]])
+    )
+    y = torch.arange(4.0).view(
+        1, 1, 1, 4
+    )  # 4 -> 2: source x = 0, 2 (no antialiasing: pixels skipped)
     torch.testing.assert_close(tf1_resize_bilinear(y, 1, 2), torch.tensor([[[[0.0, 2.0]]]]))
     img = torch.rand(2, 3, 64, 48) * 255
     torch.testing.assert_close(
@@ -318,7 +336,9 @@ def test_resizes():
 
 def test_center_crop_adm():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 200, 3), dtype=np.uint8))
-    out = adm.center_crop_adm(img, 32)  # 200 x 90 -> box-halved to 100 x 45 -> 71 x 32 -> centre 32 x 32
+    out = adm.center_crop_adm(
+        img, 32
+    )  # 200 x 90 -> box-halved to 100 x 45 -> 71 x 32 -> centre 32 x 32
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     halved = img.resize((100, 45), resample=Image.BOX)
     want = np.asarray(halved.resize((71, 32), resample=Image.BICUBIC))[:, 19:51]
@@ -353,7 +373,9 @@ def test_cli_end_to_end_reference_and_evaluation(tmp_path, monkeypatch, capsys):
             Image.fromarray(arr).save(folder / f"class{c}" / f"{i}.png")
     ref = tmp_path / "ref.npz"
     common = ["--inception-weights", str(weights), "--device", "cpu", "--batch-size", "3"]
-    assert main(["eval", "--make-ref", str(folder), "--out", str(ref), "--size", "32", *common]) == 0
+    assert (
+        main(["eval", "--make-ref", str(folder), "--out", str(ref), "--size", "32", *common]) == 0
+    )
     with np.load(ref) as z:
         assert {"arr_0", "arr_1", "mu", "sigma", "mu_s", "sigma_s"} <= set(z.files)
         assert z["arr_0"].shape == (8, 32, 32, 3) and z["arr_0"].dtype == np.uint8
@@ -372,7 +394,10 @@ def test_cli_end_to_end_reference_and_evaluation(tmp_path, monkeypatch, capsys):
         assert isinstance(result[key], float) and math.isfinite(result[key]), key
     assert result["fid"] > 0 and result["sfid"] > 0 and 1 <= result["is"] <= 1008
     protocol = result["protocol"]
-    assert protocol["feature_network"]["weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert (
+        protocol["feature_network"]["weights"]["sha256"]
+        == hashlib.sha256(weights.read_bytes()).hexdigest()
+    )
     assert protocol["reference"]["sha256"] == hashlib.sha256(ref.read_bytes()).hexdigest()
     assert protocol["reference"]["statistics"].startswith("precomputed")
     assert protocol["reference"]["made_by_snce"]["resize"]["method"] == "bilinear-antialias"
@@ -386,11 +411,23 @@ def test_cli_end_to_end_reference_and_evaluation(tmp_path, monkeypatch, capsys):
     # the reference's own images as samples: same features as the reference's statistics
     own = tmp_path / "own.npz"
     np.savez(own, ref_images)
-    assert main(["eval", str(own), "--ref", str(ref), "--out", str(tmp_path / "own.json"), *common]) == 0
+    assert (
+        main(["eval", str(own), "--ref", str(ref), "--out", str(tmp_path / "own.json"), *common])
+        == 0
+    )
     same = json.loads((tmp_path / "own.json").read_text())
     assert abs(same["fid"]) < 1e-3 * _trace(ref, "sigma")
     assert abs(same["sfid"]) < 1e-3 * _trace(ref, "sigma_s")
     assert same["precision"] == 1.0 and same["recall"] == 1.0
+
+    # a reference of statistics only (no images): FID and sFID, no precision/recall
+    stats_only = tmp_path / "stats.npz"
+    with np.load(ref) as z:
+        np.savez(stats_only, **{k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s")})
+    partial = adm.evaluate(own, stats_only, inception_weights=weights, batch_size=8, progress=False)
+    assert partial["fid"] == pytest.approx(same["fid"], abs=1e-3 * _trace(ref, "sigma"))
+    assert partial["precision"] is None and partial["recall"] is None
+    assert partial["protocol"]["reference"]["count"] == 0
 
 
 def _trace(path, key: str) -> float:

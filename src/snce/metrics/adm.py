@@ -34,8 +34,8 @@ the same blocks, with the same per-block fallback; ``"float32"`` computes in flo
 Numerics: statistics in float64 (``np.cov``); ``scipy.linalg.sqrtm`` as ADM calls it (if the result is not
 finite, 1e-6 is added to both covariances' diagonals; a complex result is an error when an imaginary part of
 its diagonal exceeds 1e-3, and is otherwise replaced by its real part). Features are extracted in float32 with
-TF32 off. Memory: the three feature sets in float32 (S x 5079 floats: 1 GB for 50,000 samples), one image
-batch, and for precision/recall one (row block x column block) distance matrix and its float16 copies
+TF32 off. Memory: the three feature sets in float32 (S x 5079 floats: 1 GB for 50,000 samples; ``np.cov``
+makes a float64 copy of one at a time), one image batch, and for precision/recall one (row block x column block) distance matrix and its float16 copies
 (~1.2 GB at ADM's 10,000 x 10,000; the k-nearest search keeps k + 1 running minima per row, never a row of
 all S distances). Images are streamed from the ``.npz``, never loaded whole.
 
@@ -655,6 +655,7 @@ def evaluate(
         ref_pool, ref_spatial = ref_acts.statistics()
         ref_source = "computed from arr_0"
     fake_pool, fake_spatial = fake_acts.statistics()
+    # samples first, as ADM's sample_stats.frechet_distance(ref_stats): sqrtm(S_samples @ S_reference)
     result: dict = {
         "fid": fake_pool.frechet_distance(ref_pool),
         "sfid": fake_spatial.frechet_distance(ref_spatial),
