@@ -24,15 +24,23 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from snce.files import check_file, record_checksums, verified
 
-# Named sizes: (n_layers, dim, n_heads). B and L are LlamaGen's GPT-B (111M) and GPT-L (343M) at 16,384 codes.
+# Named sizes: (n_layers, dim, n_heads). B to 3B are LlamaGen's class-conditional GPT sizes (Sun et al. 2024,
+# arXiv 2406.06525, Table 6; ``GPT_B`` .. ``GPT_3B`` in ``autoregressive/models/gpt.py``); the parameter counts in
+# the comments hold for the autoregressive family at 16,384 codes and 1,000 classes (tests/generators/
+# test_presets.py counts them on the meta device). The SwiGLU width follows LlamaGen's rule (``ffn_width``).
+# The models from XL up are meant for sharded training: ``train.parallel: fsdp`` (snce.train.distributed).
 PRESETS: dict[str, dict] = {
     "tiny": dict(n_layers=4, dim=128, n_heads=4),  # ~1M parameters + embeddings: a minute on a CPU
     "small": dict(n_layers=8, dim=256, n_heads=8),
-    "B": dict(n_layers=12, dim=768, n_heads=12),
-    "L": dict(n_layers=24, dim=1024, n_heads=16),
+    "B": dict(n_layers=12, dim=768, n_heads=12),  # 111M
+    "L": dict(n_layers=24, dim=1024, n_heads=16),  # 343M
+    "XL": dict(n_layers=36, dim=1280, n_heads=20),  # 775M
+    "XXL": dict(n_layers=48, dim=1536, n_heads=24),  # 1.4B
+    "3B": dict(n_layers=24, dim=3200, n_heads=32),  # 3.1B (head width 100)
 }
 
 
@@ -116,7 +124,8 @@ class GeneratorConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> GeneratorConfig:
-        """A named size (``tiny``, ``small``, ``B``, ``L``) plus overrides (vocab_size is required)."""
+        """A named size (``tiny``, ``small``, ``B``, ``L``, ``XL``, ``XXL``, ``3B``) plus overrides (vocab_size is
+        required)."""
         if name not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
         return cls(**{**PRESETS[name], **overrides})
@@ -232,8 +241,17 @@ class Block(nn.Module):
         self.attn = Attention(cfg.dim, cfg.n_heads, cfg.dropout)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_width, cfg.dropout)
+        # torch.compile'd Block.body, shared by all blocks (GeneratorModel.configure_training); None = eager
+        self.compiled_body = None
 
     def forward(self, x, cos, sin, *, causal: bool, cache: KVCache | None = None, layer: int = 0):
+        # The compiled function runs inside this call, so module hooks (e.g. FSDP's all-gather) stay eager
+        # around it; the KV-cache path of sampling always runs eagerly.
+        if cache is None and self.compiled_body is not None:
+            return self.compiled_body(self, x, cos, sin, causal)
+        return self.body(x, cos, sin, causal, cache, layer)
+
+    def body(self, x, cos, sin, causal: bool, cache: KVCache | None = None, layer: int = 0):
         x = x + self.attn(self.attn_norm(x), cos, sin, causal=causal, cache=cache, layer=layer)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -266,6 +284,37 @@ class GeneratorModel(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         nn.init.zeros_(self.head.weight)
+        self.activation_checkpointing = False  # see configure_training
+
+    def configure_training(
+        self,
+        *,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        compile_options: dict | None = None,
+    ) -> None:
+        """Execution options for training; the weights, their names and the outputs stay as they are.
+
+        activation_checkpointing: keep only each block's input (B, L, H) in the forward and recompute the
+        block's activations in the backward (``torch.utils.checkpoint``, non-reentrant; the RNG state is
+        restored, so dropout repeats). Applies to cache-free forwards with gradients on.
+        compile: run every block's cache-free forward through one ``torch.compile``'d ``Block.body``
+        (``compile_options`` are passed to ``torch.compile``); blocks of one shape share its graphs. Sampling
+        with a KV cache stays eager. Calling this again replaces both settings.
+        """
+        self.activation_checkpointing = bool(activation_checkpointing)
+        body = torch.compile(Block.body, **(compile_options or {})) if compile else None
+        for block in self.layers:
+            block.compiled_body = body
+
+    def shard_units(self) -> list[nn.Module]:
+        """The submodules a sharded (FSDP) trainer wraps one unit each: the transformer blocks.
+
+        Everything else (embeddings, final norm, output head) forms the root unit, which the trainer gathers
+        once per forward and keeps gathered through the backward, so the fused loss reads the whole head
+        weight as one tensor (``snce.train.distributed.shard_model``).
+        """
+        return list(self.layers)
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear | nn.Embedding):
@@ -351,8 +400,12 @@ class GeneratorModel(nn.Module):
             self.rope_sin[start : start + x.shape[1]],
         )
         x = self.emb_drop(x)
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, causal=self.causal, cache=cache, layer=i)
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, causal=self.causal, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, causal=self.causal, cache=cache, layer=i)
         if cache is not None:
             cache.length += x.shape[1]
         return self.norm(x)

@@ -15,6 +15,13 @@ A directory is written under a temporary name and renamed when complete, then ``
 atomically, so a run killed at any moment leaves the previous checkpoint intact. Resuming takes the newest
 checkpoint that verifies against its checksums; one that does not is reported, renamed ``unreadable-...``
 (so that pruning never removes it) and skipped.
+
+Every file holds full, unsharded tensors, whatever the run's parallelism: under FSDP the trainer gathers the
+weights, the EMA and the optimizer state to rank 0 first (:func:`full_model_state`,
+:func:`full_optimizer_state`), and a run resumes on any number of processes, sharded or not. The optimizer
+state is stored keyed by parameter name (``torch.distributed.checkpoint.state_dict``'s full form, state.pt
+``optimizer_format: "fqn"``); checkpoints from before that hold ``torch.optim``'s index-keyed form and are
+converted on load (:func:`load_optimizer_state`).
 """
 
 from __future__ import annotations
@@ -75,13 +82,16 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 def save_checkpoint(
     out_dir: str | os.PathLike,
     step: int,
-    model: nn.Module,
+    model: nn.Module | dict[str, torch.Tensor],
     state: dict,
     config: dict | None = None,
     ema: dict[str, torch.Tensor] | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write ``step_<step>/`` atomically, point ``latest`` at it, keep the newest ``keep`` checkpoints."""
+    """Write ``step_<step>/`` atomically, point ``latest`` at it, keep the newest ``keep`` checkpoints.
+
+    ``model``: the unwrapped module, or its full state dict (what :func:`full_model_state` gathers from a
+    sharded model)."""
     root = checkpoint_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
@@ -90,7 +100,10 @@ def save_checkpoint(
         tmp = root / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
+        if isinstance(model, nn.Module):
+            save_model(model, str(tmp / "model.safetensors"))
+        else:
+            save_file({k: v.contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"))
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config or {}, indent=2) + "\n")
@@ -140,3 +153,72 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- full (unsharded) state dicts
+
+OPTIMIZER_FORMAT = "fqn"  # state.pt's optimizer: keyed by parameter name, full tensors
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # rank 0 receives the full tensors on the CPU, the other ranks an empty dict
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full weights and persistent buffers of a (possibly FSDP-sharded) model, on the CPU of rank 0.
+
+    Collective under FSDP (every rank calls it; parameters are all-gathered one at a time); other ranks get {}.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options())
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state keyed by parameter name, with full tensors on the CPU of rank 0 (collective under
+    FSDP; other ranks get {}). ``model`` is the module the optimizer's parameters belong to (not a DDP wrapper).
+    """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_full_options())
+
+
+def load_optimizer_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    names: list[str] | None = None,
+    *,
+    fmt: str | None = OPTIMIZER_FORMAT,
+) -> None:
+    """Load a full optimizer state into ``optimizer`` over ``model``'s (possibly sharded) parameters.
+
+    Every rank passes the same full state; each keeps its shard. ``fmt=None`` marks ``torch.optim``'s
+    index-keyed form (checkpoints written before names were stored): its indices are mapped to ``names``, the
+    parameter names in the optimizer's order (all groups, in order).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if fmt is None:
+        if names is None:
+            raise ValueError("an index-keyed optimizer state needs the parameter names (names=...)")
+        index = [i for group in state["param_groups"] for i in group["params"]]
+        if len(index) != len(names):
+            raise ValueError(
+                f"the checkpoint's optimizer holds {len(index)} parameters, the model trains {len(names)}"
+            )
+        name_of = dict(zip(index, names, strict=True))
+        state = {
+            "state": {name_of[i]: v for i, v in state["state"].items()},
+            "param_groups": [
+                {**g, "params": [name_of[i] for i in g["params"]]} for g in state["param_groups"]
+            ],
+        }
+    elif fmt != OPTIMIZER_FORMAT:
+        raise ValueError(f"unknown optimizer state format {fmt!r}; expected {OPTIMIZER_FORMAT!r}")
+    set_optimizer_state_dict(
+        model, optimizer, state, options=StateDictOptions(full_state_dict=True)
+    )

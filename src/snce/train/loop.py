@@ -16,6 +16,10 @@ gradient clipping, an EMA of the weights, gradient accumulation, bf16 autocast o
 atomic checkpoint every ``ckpt_every`` steps and at the end, ``resume``, TensorBoard scalars plus a
 ``log.jsonl`` copy, a tqdm bar, and callbacks (e.g. :class:`ImageCallback` PNG grids).
 
+Precision. Weights, optimizer state and EMA are float32 throughout ("master weights"); ``amp`` runs the
+forward and the loss under bf16 autocast (matmuls in bf16; the fused losses accumulate in float32) and the
+loss is cast to float32 before the backward and before it is summed for the logs.
+
 Batches and DDP. ``batch_size`` is the global number of samples per optimizer step; each of the
 ``world_size`` processes sees ``batch_size / (world_size * grad_accum)`` samples per micro-step. Epoch ``e``
 visits the permutation ``randperm(N, seed + e)`` (truncated to a multiple of ``world_size``) and rank ``r``
@@ -25,11 +29,21 @@ single-process run up to float rounding (for objectives that are per-sample mean
 function of the step alone, so resuming mid-epoch needs no sampler state.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (NCCL on GPU, gloo
-on CPU) and only rank 0 writes files.
+on CPU) and only rank 0 writes files. ``parallel: fsdp`` shards it with FSDP2 instead
+(:func:`snce.train.distributed.shard_model`: weights, gradients, optimizer state and EMA split over the
+ranks; the same step as DDP up to float rounding). Gradients are reduce-scattered after every micro-step
+(no ``no_sync``: accumulating unsharded gradients would undo the saving). Checkpoints always hold full
+tensors, written by rank 0, so a run resumes on any number of processes with either setting. A sharded model
+cannot run on rank 0 alone, so at the steps where callbacks may evaluate (checkpoint steps, ``image_every``
+steps, the last step) the trainer gathers the full weights (EMA when on) to rank 0's CPU, and
+:meth:`Trainer.eval_weights` builds an unsharded copy from them; after ``fit`` the last one is kept for the
+caller. ``activation_checkpointing`` and ``compile`` go to the model's ``configure_training`` hook
+(generators: per transformer block).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -49,13 +63,25 @@ from tqdm.auto import tqdm
 from snce.config import Config, ConfigError
 from snce.quantize.fvq import learning_annealing
 from snce.train.checkpoint import (
+    OPTIMIZER_FORMAT,
+    full_model_state,
+    full_optimizer_state,
     latest_checkpoint,
     load_checkpoint,
+    load_optimizer_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from snce.train.distributed import all_reduce_mean, barrier, init_distributed
+from snce.train.distributed import (
+    all_reduce_mean,
+    barrier,
+    clip_grad_norm,
+    full_tensor,
+    init_distributed,
+    shard_like,
+    shard_model,
+)
 from snce.train.images import save_image_grid
 
 LossFn = Callable[[nn.Module, Any, int], tuple[torch.Tensor, dict]]
@@ -80,7 +106,14 @@ class TrainConfig(Config):
     adam_eps: float = 1e-8  # AdamW epsilon
     grad_clip: float | None = 1.0  # max global grad norm; null = no clipping
     ema_decay: float | None = None  # e.g. 0.999; null = no EMA
-    amp: bool = True  # bf16 autocast, on CUDA only (CPU always runs fp32)
+    amp: bool = (
+        True  # bf16 autocast, on CUDA only unless amp_cpu (weights, optimizer, EMA stay fp32)
+    )
+    amp_cpu: bool = False  # amp on CPU too (bf16 matmuls are slow on most CPUs: for checks)
+    # ddp: replicate the model (DistributedDataParallel) | fsdp: shard it (FSDP2); one process runs it plain
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False  # recompute activations in the backward (model hook)
+    compile: bool = False  # torch.compile (model hook; generators: each block's training forward)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     num_workers: int = 0  # DataLoader worker processes
@@ -205,6 +238,20 @@ def load_training_states(model: nn.Module, states: dict[str, dict]) -> None:
             modules[name].load_training_state(state)
 
 
+def weightless_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with its parameters on the meta device (no memory; buffers are copied) and
+    training options off: the skeleton an unsharded evaluation copy is built on (``load_state_dict(...,
+    assign=True)``)."""
+    memo = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for p in model.parameters()
+    }
+    skeleton = copy.deepcopy(model, memo)
+    if hasattr(skeleton, "configure_training"):
+        skeleton.configure_training()
+    return skeleton
+
+
 def to_device(batch, device: torch.device):
     """Move the tensors of a (nested) batch to ``device``."""
     if torch.is_tensor(batch):
@@ -275,10 +322,46 @@ class Trainer:
         )
 
         self.model = model.to(self.device)
+        self.step = 0
+        checkpoint = self._find_checkpoint(resume)  # loads the weights into the plain model
+        if cfg.activation_checkpointing or cfg.compile:
+            if not hasattr(self.model, "configure_training"):
+                key = "activation_checkpointing" if cfg.activation_checkpointing else "compile"
+                raise ConfigError(
+                    f"train.{key}",
+                    f"needs a model with a configure_training hook; {type(model).__name__} has none",
+                )
+            self.model.configure_training(
+                activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile
+            )
+        self.sharded = cfg.parallel == "fsdp" and self.dist.distributed
+        self._template: nn.Module | None = (
+            None  # rank 0, sharded: an unsharded copy without weights
+        )
+        # sharded runs: (step, full weights, full EMA) on rank 0's CPU, gathered at that step by every rank
+        self._gathered: tuple[int, dict, dict | None] | None = None
+        self._gathered_step = -1
+        if self.sharded:
+            if self.dist.is_main:
+                self._template = weightless_copy(self.model)
+            self.ddp = shard_model(self.model, self.dist)
+        elif self.dist.distributed:
+            self.ddp = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters,
+            )
+        else:
+            self.ddp = self.model
+        # built over the sharded parameters under FSDP: optimizer state and EMA hold local shards only
         params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         groups = [
             {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        # the optimizer's parameter order, for checkpoints that index parameters by position
+        self._param_names = [n for n, p in params if p.dim() >= 2] + [
+            n for n, p in params if p.dim() < 2
         ]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps)
         self.ema = (
@@ -286,21 +369,13 @@ class Trainer:
             if cfg.ema_decay is not None
             else None
         )
-        self.step = 0
-        self._restore_or_start(resume)
-        self.ddp = (
-            DistributedDataParallel(
-                self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=find_unused_parameters,
-            )
-            if self.dist.distributed
-            else self.model
-        )
+        self._restore_or_start(checkpoint)
 
     # ---------------------------------------------------------------- setup / checkpoints
 
-    def _restore_or_start(self, resume: bool) -> None:
+    def _find_checkpoint(self, resume: bool) -> tuple[Path, dict, dict | None] | None:
+        """With ``resume``: the newest checkpoint, its weights loaded into the (still plain) model; returns
+        (path, state.pt, EMA tensors or None). Without: None, after checking that out_dir holds no run."""
         # rank 0 first: it sets aside checkpoints that do not verify, then the other ranks find the same one
         if self.dist.is_main:
             ckpt = latest_checkpoint(self.out_dir)
@@ -313,15 +388,31 @@ class Trainer:
                     f"--resume: no checkpoint found under {self.out_dir / 'checkpoints'}"
                 )
             state, ema = load_checkpoint(ckpt, self.model)
-            self.optimizer.load_state_dict(state["optimizer"])
+            return ckpt, state, ema
+        if ckpt is not None:
+            raise FileExistsError(
+                f"{self.out_dir} already holds checkpoints ({ckpt.name}); pass --resume to continue that run "
+                "or choose another train.out_dir"
+            )
+        return None
+
+    def _restore_or_start(self, checkpoint: tuple[Path, dict, dict | None] | None) -> None:
+        """Optimizer state, step, EMA, RNG and module states from the checkpoint (laid out as this run's
+        parameters: sharded under FSDP), or the fresh-start seed."""
+        if checkpoint is not None:
+            ckpt, state, ema = checkpoint
+            load_optimizer_state(
+                self.model, self.optimizer, state["optimizer"], self._param_names,
+                fmt=state.get("optimizer_format"),
+            )  # fmt: skip
             self.step = int(state["step"])
             if self.ema is not None:
                 if ema is None:
                     raise ValueError(
                         f"checkpoint {ckpt} holds no EMA weights but train.ema_decay is set"
                     )
-                for name, value in ema.items():
-                    self.ema[name].copy_(value)
+                for name in self.ema:
+                    self.ema[name] = shard_like(ema[name].float(), self.ema[name])
             rngs, modules = state["rng"], state.get("modules")
             same_world = len(rngs) == self.dist.world_size
             if same_world:
@@ -331,40 +422,56 @@ class Trainer:
             if modules is not None:
                 load_training_states(self.model, modules[self.dist.rank if same_world else 0])
             return
-        if ckpt is not None:
-            raise FileExistsError(
-                f"{self.out_dir} already holds checkpoints ({ckpt.name}); pass --resume to continue that run "
-                "or choose another train.out_dir"
-            )
         torch.manual_seed(self.cfg.seed + 7919 * self.dist.rank)
 
     def save(self) -> Path | None:
-        """Write a checkpoint of the current step (collective under DDP; rank 0 writes)."""
+        """Write a checkpoint of the current step (collective under DDP and FSDP; rank 0 writes)."""
         local = (rng_state(), training_states(self.model))
         per_rank = [None] * self.dist.world_size
         if self.dist.distributed:
             dist.all_gather_object(per_rank, local)
         else:
             per_rank = [local]
+        optimizer = full_optimizer_state(self.model, self.optimizer)  # collective under FSDP
+        if self.sharded:
+            self._gather()
+            weights, ema = self._gathered[1:] if self.dist.is_main else (None, None)
+        else:
+            weights, ema = self.model, self.ema
         path = None
         if self.dist.is_main:
             state = {
                 "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer,
+                "optimizer_format": OPTIMIZER_FORMAT,
                 "rng": [rng for rng, _ in per_rank],
                 "modules": [modules for _, modules in per_rank],
             }
             path = save_checkpoint(
                 self.out_dir,
                 self.step,
-                self.model,
+                weights,
                 state,
                 self.config,
-                self.ema,
+                ema,
                 self.cfg.keep_checkpoints,
             )
         barrier()
         return path
+
+    def _gather(self) -> None:
+        """Sharded runs: the full weights and EMA of this step to rank 0's CPU (collective; once per step)."""
+        # _gathered_step is the same on every rank (rank 0 alone holds the tensors)
+        if self._gathered_step == self.step:
+            return
+        self._gathered = None  # free the previous copy before gathering the next
+        weights = full_model_state(self.model)
+        ema = None
+        if self.ema is not None:
+            ema = {n: full_tensor(v).cpu() for n, v in self.ema.items()}
+        self._gathered_step = self.step
+        if self.dist.is_main:
+            self._gathered = (self.step, weights, ema)
 
     # ---------------------------------------------------------------- schedule / EMA
 
@@ -393,7 +500,14 @@ class Trainer:
 
     @contextmanager
     def eval_weights(self):
-        """The unwrapped model with EMA weights (when on) in eval mode; restores training weights after."""
+        """The unwrapped model with EMA weights (when on) in eval mode; restores training weights after.
+
+        Under FSDP (rank 0 only, at the steps the module docstring names and after ``fit``): a fresh unsharded
+        copy on the run's device, built from the gathered full weights; dropped afterwards.
+        """
+        if self.sharded:
+            yield from self._gathered_eval_model()
+            return
         model = self.model
         was_training = model.training
         backup = None
@@ -414,6 +528,22 @@ class Trainer:
                         params[n].copy_(v)
             model.train(was_training)
 
+    def _gathered_eval_model(self):
+        if not self.dist.is_main:
+            raise RuntimeError("under train.parallel=fsdp only rank 0 holds evaluation weights")
+        if self._gathered is None or self._gathered[0] != self.step:
+            raise RuntimeError(
+                f"under train.parallel=fsdp the full weights are gathered at checkpoint steps, image_every "
+                f"steps and the last step; none were gathered at step {self.step}"
+            )
+        _, weights, ema = self._gathered
+        state = dict(weights)
+        for name, value in (ema or {}).items():
+            state[name] = value.to(weights[name].dtype)
+        model = copy.deepcopy(self._template)
+        model.load_state_dict(state, assign=True)
+        yield model.to(self.device).eval()
+
     # ---------------------------------------------------------------- loop
 
     def _micro_batches(self) -> Iterator:
@@ -427,6 +557,8 @@ class Trainer:
         """Train until ``cfg.steps`` optimizer steps are done."""
         cfg, main = self.cfg, self.dist.is_main
         if self.step >= cfg.steps:
+            if self.sharded:
+                self._gather()  # for eval_weights() after fit
             return
         writer = None
         if main:
@@ -435,11 +567,8 @@ class Trainer:
                 from torch.utils.tensorboard import SummaryWriter
 
                 writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.step)
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if cfg.amp and self.device.type == "cuda"
-            else nullcontext()
-        )
+        amp = cfg.amp and (self.device.type == "cuda" or cfg.amp_cpu)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if amp else nullcontext()
         bar = tqdm(
             total=cfg.steps,
             initial=self.step,
@@ -460,19 +589,19 @@ class Trainer:
                 for micro in range(cfg.grad_accum):
                     batch = to_device(next(batches), self.device)
                     last = micro == cfg.grad_accum - 1
-                    sync = (
-                        self.ddp.no_sync() if self.dist.distributed and not last else nullcontext()
-                    )
+                    replicated = self.dist.distributed and not self.sharded
+                    sync = self.ddp.no_sync() if replicated and not last else nullcontext()
                     with sync:
                         with autocast:
                             loss, logs = self.loss_fn(self.ddp, batch, self.step)
+                        loss = loss.float()
                         (loss / cfg.grad_accum).backward()
                     for k, v in {"loss": loss, **logs}.items():
                         v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
                         sums[k] = sums.get(k, 0.0) + v.to(self.device)
                     count += 1
                 max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                grad_norm = clip_grad_norm(params, max_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
@@ -483,15 +612,27 @@ class Trainer:
                     sums, count, t0 = {}, 0, time.perf_counter()
                     if main:
                         self._write_logs(logs, writer, bar)
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                final = self.step == cfg.steps
+                if self.step % cfg.ckpt_every == 0 or final:
                     self.save()
+                if self.sharded and (final or (self.callbacks and self._eval_step(self.step))):
+                    self._gather()  # callbacks evaluate on rank 0 (see eval_weights)
                 for callback in self.callbacks:
                     callback.on_step(self, self.step)
+                if self.sharded and not final:
+                    # the last step's copy is kept for the caller
+                    self._gathered, self._gathered_step = None, -1
                 bar.update(1)
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
+
+    def _eval_step(self, step: int) -> bool:
+        """Steps at which callbacks may evaluate: checkpoints, image grids, the last step."""
+        cfg = self.cfg
+        images = cfg.image_every > 0 and step % cfg.image_every == 0
+        return step % cfg.ckpt_every == 0 or step == cfg.steps or images
 
     def _reduce_logs(self, sums, count, grad_norm, lr, seconds) -> dict[str, float]:
         keys = sorted(sums)
