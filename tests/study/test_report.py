@@ -172,6 +172,17 @@ def test_results_made_with_other_settings_are_never_reused(tmp_path):
         check_spec(tmp_path, {"steps": 20, "lr": 1e-3})
 
 
+def test_results_survive_settings_added_since_at_their_defaults(tmp_path):
+    defaults = {"train": {"steps": 1, "clip": None}, "model": {"dim": 8}}
+    check_spec(tmp_path, {"train": {"steps": 10}, "model": {"dim": 16}}, defaults)
+    # snce gained train.clip since; a run at its default is the same run, another value is not
+    check_spec(tmp_path, {"train": {"steps": 10, "clip": None}, "model": {"dim": 16}}, defaults)
+    with pytest.raises(SettingsChanged, match=r"differences in: train\.clip\)"):
+        check_spec(tmp_path, {"train": {"steps": 10, "clip": 1.0}, "model": {"dim": 16}}, defaults)
+    with pytest.raises(SettingsChanged, match=r"differences in: model\.dim, train\.clip"):
+        check_spec(tmp_path, {"train": {"steps": 10, "clip": 1.0}, "model": {"dim": 8}}, defaults)
+
+
 STUDY_CONFIGS = sorted((Path(__file__).parents[2] / "configs" / "study").glob("*.yaml"))
 
 

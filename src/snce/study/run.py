@@ -82,19 +82,36 @@ class SettingsChanged(ValueError):
     """A directory holds results made with other settings; the study never overwrites them silently."""
 
 
-def check_spec(directory: Path, spec: dict) -> None:
-    """Record ``spec`` in ``directory/spec.json``, or check it equals the one recorded there."""
+def check_spec(directory: Path, spec: dict, defaults: dict | None = None) -> None:
+    """Record ``spec`` in ``directory/spec.json``, or check it equals the one recorded there.
+
+    ``defaults``: the spec of a default config; a key the recorded spec lacks (a setting added to snce
+    since) counts as unchanged when the new spec holds its default, so results survive an upgrade.
+    """
     path = directory / "spec.json"
     if path.is_file():
-        old = read_json(path)
-        if old != spec:
-            changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+        changed = spec_differences(read_json(path), spec, defaults or {})
+        if changed:
             raise SettingsChanged(
                 f"{directory} holds results made with other settings (differences in: {', '.join(changed)}); "
                 "choose another out_dir (--set out_dir=...) or delete that directory to redo it"
             )
     else:
         write_json(path, spec)
+
+
+def spec_differences(old: dict, new: dict, defaults: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two specs (see :func:`check_spec` for ``defaults``)."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        if key not in old and key in new and new[key] == default:
+            continue
+        if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+            changed += spec_differences(old[key], new[key], default or {}, f"{prefix}{key}.")
+        elif old.get(key) != new.get(key):
+            changed.append(prefix + key)
+    return changed
 
 
 def evenly_spaced(dataset, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +226,7 @@ def prepare_tokenizer(
     run_dir = tokenizer_dir(Path(cfg.out_dir), setting.name, K)
     run_cfg = cfg.tokenizer_run(setting, K, str(run_dir))
     if is_main:
-        check_spec(run_dir, run_cfg.to_dict())
+        check_spec(run_dir, run_cfg.to_dict(), type(run_cfg)().to_dict())
     barrier()
     info_path = run_dir / "study.json"
     measured_with = measurement_spec(cfg, setting.name, K)
@@ -491,7 +508,7 @@ def run_generator(cfg: StudyConfig, key: RunKey, is_main: bool = True) -> dict:
     }
     result_path = run_dir / "result.json"
     if is_main:
-        check_spec(run_dir, spec)
+        check_spec(run_dir, spec, GeneratorRunConfig().to_dict())
     barrier()
     if result_path.is_file():
         return read_json(result_path)
