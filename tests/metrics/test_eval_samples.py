@@ -30,6 +30,11 @@ def test_npz_and_folder_samples_load_back(tmp_path):
         Image.fromarray(p[..., 0]).save(folder / f"{i:03d}.png")
     from_folder, _ = load_samples(folder, size=16, channels=1)
     torch.testing.assert_close(from_folder, loaded, atol=1e-6, rtol=0)
+    # the ADM layout (snce sample --out-dir): RGB arr_0 (grey expanded), labels beside it
+    np.savez(tmp_path / "adm.npz", arr_0=pixels.repeat(3, axis=-1), labels=np.arange(12) % 10)
+    from_adm, extras = load_samples(tmp_path / "adm.npz", size=16, channels=1)
+    torch.testing.assert_close(from_adm, loaded, atol=1e-6, rtol=0)
+    assert extras["labels"].tolist() == (np.arange(12) % 10).tolist()
 
 
 def test_real_held_out_digits_score_as_real(tmp_path):

@@ -18,7 +18,8 @@ DEFAULT_CACHE = Path(os.environ.get("SNCE_CACHE", Path.home() / ".cache" / "snce
 
 
 def load_samples(path: str | os.PathLike, size: int, channels: int) -> tuple[torch.Tensor, dict]:
-    """Generated images from an ``.npz`` (``images`` uint8 (N, H, W, C), as ``snce sample --npz`` writes; optional
+    """Generated images from an ``.npz`` (``images`` uint8 (N, H, W, C), as ``snce sample --npz`` writes, or
+    ``arr_0``, the ADM layout ``snce sample --out-dir`` writes; optional
     ``labels`` and ``tokens``) or a folder of image files (centre-cropped and resized to ``size``).
 
     Returns (images (N, channels, size, size) in [-1, 1], extras {"labels": (N,), "tokens": ...} when present).
@@ -34,15 +35,16 @@ def load_samples(path: str | os.PathLike, size: int, channels: int) -> tuple[tor
         images = torch.stack([_load_file(f, size) for f in files])
     elif path.suffix == ".npz" and path.is_file():
         with np.load(path) as npz:
-            if "images" not in npz:
+            key = next((k for k in ("images", "arr_0") if k in npz), None)  # snce's or ADM's layout
+            if key is None:
                 raise ValueError(
-                    f"samples: {path} has no 'images' array (keys: {sorted(npz.keys())})"
+                    f"samples: {path} has no 'images' or 'arr_0' array (keys: {sorted(npz.keys())})"
                 )
-            pixels = torch.from_numpy(npz["images"])
+            pixels = torch.from_numpy(npz[key])
             extras = {k: torch.from_numpy(npz[k]) for k in ("labels", "tokens") if k in npz}
         if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[-1] not in (1, 3):
             raise ValueError(
-                f"samples: 'images' must be uint8 (N, H, W, 1 or 3), got {pixels.dtype} {tuple(pixels.shape)}"
+                f"samples: '{key}' must be uint8 (N, H, W, 1 or 3), got {pixels.dtype} {tuple(pixels.shape)}"
             )
         images = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0
         if images.shape[-1] != size or images.shape[-2] != size:
