@@ -25,7 +25,10 @@ def sets(items):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.lrr=1", "config key 'train.lrr': unknown key; expected one of: adam_eps, amp,"),
+        (
+            "train.lrr=1",
+            "config key 'train.lrr': unknown key; expected one of: activation_checkpointing,",
+        ),
         ("train.steps=ten", "config key 'train.steps': expected int, got 'ten'"),
         ("data.path={missing}", "config key 'data.path': expected an existing directory"),
         ("model.quantizer=3", "config key 'model.quantizer': expected a mapping"),

@@ -11,7 +11,9 @@ several row blocks, so the head weight's gradient comes from the chunked loss un
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -49,11 +51,11 @@ class Tokens(Dataset):
         return {"indices": self.indices[i], "label": self.labels[i]}
 
 
-def make_model(dropout: float = 0.0):
+def make_model(dropout: float = 0.0, family: str = "autoregressive"):
     torch.manual_seed(0)
     model = build_generator(
-        "autoregressive", vocab_size=K, grid=GRID, num_classes=CLASSES, dim=DIM, n_layers=2,
-        n_heads=2, class_dropout=0.0, dropout=dropout,
+        family, vocab_size=K, grid=GRID, num_classes=CLASSES, dim=DIM, n_layers=2, n_heads=2,
+        class_dropout=0.0, dropout=dropout,
     )  # fmt: skip
     # a zero head would hide head-gradient mistakes
     torch.nn.init.normal_(model.head.weight, std=0.02)
@@ -148,6 +150,16 @@ def scenario(root: Path, name: str) -> None:
         train(out, [Kill(2)], parallel=name.split("_")[0])
     elif name == "fsdp_resume":  # the test put a 1-process checkpoint of step 2 here
         train(out, parallel="fsdp", resume=True)
+    elif name == "fsdp_compile":  # with activation checkpointing; the quick aot_eager backend
+        original = torch.compile
+        torch.compile = functools.partial(original, backend="aot_eager")
+        try:
+            train(out, parallel="fsdp", compile=True, activation_checkpointing=True)
+        finally:
+            torch.compile = original
+    elif name == "fsdp_mdm":  # masked diffusion: ranks draw their own masks, so only a smoke run
+        model = make_model(family="masked_diffusion")
+        train(out, parallel="fsdp", model=model, loss=SNCE(), steps=2)
     elif name == "fsdp_amp":
         loss = SNCE()
         trainer = train(out, parallel="fsdp", amp=True, amp_cpu=True, steps=1, loss=loss)
@@ -200,7 +212,8 @@ def runs(tmp_path_factory):
     train(root / "single", [EvalOutputs()])
     train(root / "single_cut", [Kill(2)])
     shutil.copytree(root / "single_cut", root / "fsdp_resume")
-    names = ["fsdp", "fsdp_ac", "fsdp_cut", "ddp_cut", "fsdp_resume", "fsdp_amp"]
+    names = ["fsdp", "fsdp_ac", "fsdp_compile", "fsdp_cut", "ddp_cut", "fsdp_resume", "fsdp_amp"]
+    names.append("fsdp_mdm")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
         [*cmd, __file__, str(root), *names], env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -299,13 +312,102 @@ def test_activation_checkpointing_under_fsdp(runs):
     assert losses(runs / "fsdp_ac") == pytest.approx(losses(runs / "fsdp"), rel=1e-6)
 
 
+def test_compile_and_activation_checkpointing_under_fsdp(runs):
+    assert_same_run(runs / "fsdp_compile", runs / "fsdp", rtol=1e-5, atol=1e-6)
+
+
+def test_masked_diffusion_trains_under_fsdp(runs, tmp_path):
+    assert all(math.isfinite(v) for v in losses(runs / "fsdp_mdm"))
+    resumed = tmp_path / "mdm"
+    shutil.copytree(runs / "fsdp_mdm", resumed)
+    model = make_model(family="masked_diffusion")
+    assert train(resumed, model=model, loss=SNCE(), steps=3, resume=True).step == 3
+
+
 def test_amp_under_fsdp_keeps_fp32_master_weights(runs):
     info = json.loads((runs / "fsdp_amp" / "info.json").read_text())
     assert info["autocast"] == [True, True]  # 1 step x 2 micro-steps
     assert info["params"] == info["optimizer"] == info["ema"] == ["torch.float32"]
 
 
+def test_generator_cli_under_fsdp(tmp_path):
+    """`snce generator train` under torchrun with train.parallel=fsdp: sample grids and validation losses at
+    checkpoint steps and the saved generator (all from weights gathered to rank 0) equal one process's."""
+    from snce.cli import main
+    from snce.data import ShardManifest, ShardWriter
+    from snce.tokenizer import Tokenizer, TokenizerConfig
+
+    torch.manual_seed(0)
+    tok = Tokenizer(TokenizerConfig(
+        in_channels=1, channels=8, channel_mult=(1, 2), latent_channels=4,
+        quantizer={"kind": "vq", "codebook_size": 32},
+    )).eval()  # fmt: skip
+    tok.save_pretrained(tmp_path / "tok")
+    for name, n in (("shards", 24), ("val", 6)):
+        writer = ShardWriter(tmp_path / name, ShardManifest(
+            grid=(2, 2), codebook_size=32, metric=tok.quantizer.metric, codebook_hash=tok.codebook_hash(),
+            tokenizer=tok.full_config(), num_classes=3,
+        ))  # fmt: skip
+        labels = torch.arange(n) % 3
+        writer.add((labels[:, None, None] * 5 + torch.arange(4).view(1, 2, 2)) % 32, labels)
+        writer.close()
+
+    def args(out, parallel):
+        sets = [
+            f"shards={tmp_path / 'shards'}", f"tokenizer={tmp_path / 'tok'}", f"val_shards={tmp_path / 'val'}",
+            "family=autoregressive", "model.dim=32", "model.n_layers=2", "model.n_heads=2",
+            "model.class_dropout=0.0", "loss.kind=snce", "sample.num_images=6", f"train.out_dir={out}",
+            "train.steps=4", "train.batch_size=8", "train.grad_accum=2", "train.lr=1e-2", "train.device=cpu",
+            "train.progress=false", "train.tensorboard=false", "train.ckpt_every=2", "train.image_every=2",
+            "train.ema_decay=0.9", "train.adam_eps=1e-4", f"train.parallel={parallel}",
+        ]  # fmt: skip
+        (tmp_path / "run.yaml").write_text("{}\n")  # everything comes from --set
+        config = ["--config", str(tmp_path / "run.yaml")]
+        return ["generator", "train", *config, *[a for item in sets for a in ("--set", item)]]
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*cmd, "-m", "snce.cli", *args(tmp_path / "fsdp", "fsdp")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert main(args(tmp_path / "single", "ddp")) == 0
+    fsdp, single = tmp_path / "fsdp", tmp_path / "single"
+    a = load_file(str(fsdp / "generator" / "model.safetensors"))
+    b = load_file(str(single / "generator" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    val = [
+        [json.loads(line) for line in (run / "val.jsonl").read_text().splitlines()]
+        for run in (fsdp, single)
+    ]
+    assert [r["step"] for r in val[0]] == [r["step"] for r in val[1]] == [2, 4]
+    for x, y in zip(*val, strict=True):
+        assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-4)
+    grids = [sorted(p.name for p in (run / "images").glob("*.png")) for run in (fsdp, single)]
+    assert grids[0] == grids[1] == ["samples_0000002.png", "samples_0000004.png"]
+
+
 # ------------------------------------------------------------------------------ one process
+
+
+def test_checkpoint_with_index_keyed_optimizer_resumes(tmp_path):
+    """Checkpoints written before optimizer states were keyed by name (torch.optim's own form) still resume
+    exactly."""
+    from snce.files import record_checksums
+
+    train(tmp_path / "full")
+    cut = train(tmp_path / "cut", [Kill(2)])
+    ckpt = latest_checkpoint(tmp_path / "cut")
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    del state["optimizer_format"]
+    state["optimizer"] = cut.optimizer.state_dict()
+    torch.save(state, ckpt / "state.pt")
+    record_checksums(ckpt, [p.name for p in sorted(ckpt.iterdir()) if p.name != "checksums.json"])
+    resumed = train(tmp_path / "cut", resume=True)
+    assert resumed.step == STEPS
+    assert_same_run(tmp_path / "cut", tmp_path / "full", rtol=0, atol=0)
 
 
 def test_activation_checkpointing_same_loss_and_grads():

@@ -335,9 +335,8 @@ class Trainer:
                 activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile
             )
         self.sharded = cfg.parallel == "fsdp" and self.dist.distributed
-        self._template: nn.Module | None = (
-            None  # rank 0, sharded: an unsharded copy without weights
-        )
+        # rank 0 of a sharded run: an unsharded copy of the model without weights (see eval_weights)
+        self._template: nn.Module | None = None
         # sharded runs: (step, full weights, full EMA) on rank 0's CPU, gathered at that step by every rank
         self._gathered: tuple[int, dict, dict | None] | None = None
         self._gathered_step = -1
