@@ -106,9 +106,7 @@ class TrainConfig(Config):
     adam_eps: float = 1e-8  # AdamW epsilon
     grad_clip: float | None = 1.0  # max global grad norm; null = no clipping
     ema_decay: float | None = None  # e.g. 0.999; null = no EMA
-    amp: bool = (
-        True  # bf16 autocast, on CUDA only unless amp_cpu (weights, optimizer, EMA stay fp32)
-    )
+    amp: bool = True  # bf16 autocast, CUDA only unless amp_cpu (master weights stay fp32)
     amp_cpu: bool = False  # amp on CPU too (bf16 matmuls are slow on most CPUs: for checks)
     # ddp: replicate the model (DistributedDataParallel) | fsdp: shard it (FSDP2); one process runs it plain
     parallel: Literal["ddp", "fsdp"] = "ddp"
@@ -410,6 +408,9 @@ class Trainer:
                     raise ValueError(
                         f"checkpoint {ckpt} holds no EMA weights but train.ema_decay is set"
                     )
+                missing = sorted(set(self.ema) - set(ema))
+                if missing:
+                    raise ValueError(f"checkpoint {ckpt} holds no EMA of {missing[:5]}")
                 for name in self.ema:
                     self.ema[name] = shard_like(ema[name].float(), self.ema[name])
             rngs, modules = state["rng"], state.get("modules")
