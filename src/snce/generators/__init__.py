@@ -19,6 +19,14 @@ Python API in a few lines (tokens: (B, h, w) code indices, classes: (B,) labels,
     nll = validation_loss(model, val_tokens, val_classes, TokenLoss(LossConfig(kind="ce")))   # nats / token
     grid = sample(model, torch.arange(10), cfg_scale=2.0, steps=8)          # (10, 4, 4) -> tokenizer.decode
 
+Text-to-image and editing models (``condition="text"`` / ``"edit"``, with ``text_dim`` and ``max_text_len``)
+take a :class:`Conditioning` where class models take labels::
+
+    model = build_generator("autoregressive", "tiny", vocab_size=K, grid=(4, 4), condition="text",
+                            text_dim=E, max_text_len=L)
+    generator_loss(model, tokens, Conditioning(text=emb, text_mask=mask), loss).backward()
+    grid = sample(model, Conditioning(text=emb, text_mask=mask), cfg_scale=3.0)
+
 Full runs on token shards (checkpoints, EMA, resume, DDP, sample grids): ``snce.train.generator``.
 """
 
@@ -26,6 +34,7 @@ import json
 from pathlib import Path
 
 from snce.generators.autoregressive import ARConfig, AutoregressiveTransformer
+from snce.generators.conditions import Conditioning
 from snce.generators.masked_diffusion import MaskedDiffusionConfig, MaskedDiffusionTransformer
 from snce.generators.sampling import sample, sample_autoregressive, sample_masked
 from snce.generators.transformer import PRESETS, GeneratorConfig, GeneratorModel
@@ -60,6 +69,7 @@ __all__ = [
     "PRESETS",
     "ARConfig",
     "AutoregressiveTransformer",
+    "Conditioning",
     "GeneratorConfig",
     "GeneratorModel",
     "MaskedDiffusionConfig",

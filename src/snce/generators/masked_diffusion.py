@@ -22,6 +22,7 @@ from typing import ClassVar
 
 import torch
 
+from snce.generators.conditions import Prefix
 from snce.generators.transformer import GeneratorConfig, GeneratorModel
 
 SCHEDULES = ("cosine", "arccos", "linear")
@@ -76,7 +77,10 @@ class MaskedDiffusionConfig(GeneratorConfig):
 
 
 class MaskedDiffusionTransformer(GeneratorModel):
-    """Bidirectional transformer over [class token, x_0 .. x_{N-1}] where masked tokens read ``mask_id`` = K.
+    """Bidirectional transformer over [condition prefix, x_0 .. x_{N-1}] where masked tokens read ``mask_id`` = K.
+
+    The prefix (a class token, or text / edit tokens with their padding mask: ``snce.generators.conditions``) is
+    context that every token attends to; the hidden states of the image tokens are returned.
 
     Besides 2-D RoPE, image tokens get a learned absolute position embedding (as MaskGIT): when every input is
     [MASK], relative rotations alone barely tell positions apart.
@@ -97,16 +101,25 @@ class MaskedDiffusionTransformer(GeneratorModel):
     def mask_id(self) -> int:
         return self.config.vocab_size
 
-    def forward(self, tokens: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, N) or (B, h, w) with ``mask_id`` at masked positions, classes (B,) -> hidden (B, N, H)."""
-        tokens = self.check_tokens(tokens, extra=1)
-        classes = self.check_classes(classes, tokens.shape[0])
-        return self.hidden(tokens, classes)
+    def forward(self, tokens: torch.Tensor, condition=None, *, drop=None) -> torch.Tensor:
+        """tokens (B, N) or (B, h, w) with ``mask_id`` at masked positions -> hidden (B, N, H).
 
-    def hidden(self, tokens: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """Unchecked forward for the sampler: valid (B, N) ids and label ids (null class allowed)."""
-        x = torch.cat([self.class_prefix(classes), self.tok_emb(tokens) + self.pos_emb], dim=1)
-        return self.run(x)[:, 1:]
+        condition: (B,) class labels (or None for an unconditional class model), or a :class:`Conditioning`
+        for text / edit models. drop: (B,) bool rows forced to the null condition (None: random condition
+        dropout while training; see ``embed_condition``).
+        """
+        tokens = self.check_tokens(tokens, extra=1)
+        prefix = self.embed_condition(condition, tokens.shape[0], drop=drop)
+        return self.hidden(tokens, prefix)
+
+    def hidden(self, tokens: torch.Tensor, condition: torch.Tensor | Prefix) -> torch.Tensor:
+        """Unchecked forward for the sampler: valid (B, N) ids and label ids (null class allowed) or a
+        :class:`Prefix` from ``embed_condition``. The image tokens attend to the whole prefix (its padding
+        excepted) and to each other."""
+        if torch.is_tensor(condition):
+            condition = Prefix(self.class_prefix(condition))
+        x = torch.cat([condition.emb, self.tok_emb(tokens) + self.pos_emb], dim=1)
+        return self.run(x, key_mask=self.key_mask(condition, x.shape[1]))[:, condition.length :]
 
     def corrupt(self, tokens: torch.Tensor, generator: torch.Generator | None = None):
         """Training corruption of clean tokens (B, N).

@@ -32,6 +32,7 @@ import torch
 from snce.config import Config, ConfigError
 from snce.functional import fused_linear_cross_entropy, fused_linear_snce_loss, suggest_tau
 from snce.generators.autoregressive import AutoregressiveTransformer
+from snce.generators.conditions import Conditioning
 from snce.generators.masked_diffusion import MaskedDiffusionTransformer
 from snce.losses import NeighborShuffle, NeighborTable, sample_neighbors
 from snce.quantize.search import METRICS
@@ -266,9 +267,10 @@ def loss_terms(model, tokens, classes, latents=None, generator=None):
     """Run ``model`` on one batch and return what the token loss needs, for either family.
 
     ``model`` may be DDP-wrapped: it is called, not bypassed. tokens: (B, h, w) or (B, N) code indices; classes:
-    (B,) labels or None; latents: (B, h, w, D) / (B, N, D) or None. ``generator`` drives the masked-diffusion
-    corruption (None: the global RNG). Returns (hidden (M, H), head_weight (K, H), target (M,), latents (M, D) or
-    None, weight (M,) or None) over the M tokens that carry a loss (all of them for AR, the masked ones otherwise).
+    (B,) labels or None, or a :class:`Conditioning` (text / edit models); latents: (B, h, w, D) / (B, N, D) or
+    None. ``generator`` drives the masked-diffusion corruption (None: the global RNG). Returns (hidden (M, H),
+    head_weight (K, H), target (M,), latents (M, D) or None, weight (M,) or None) over the M tokens that carry a
+    loss (all of them for AR, the masked ones otherwise).
     """
     core = unwrap(model)
     B = tokens.shape[0]
@@ -333,7 +335,9 @@ class GeneratorObjective:
     """``loss_fn(model, batch, step) -> (loss, logs)`` in the form ``snce.train.Trainer`` takes.
 
     Batches are token-shard items collated: ``{"indices": (B, N), "label": (B,)[, "latents": (B, N, D)]}``;
-    labels are used when the model is class-conditional, latents when the loss asks for them.
+    labels are used when the model is class-conditional, latents when the loss asks for them. Text models read
+    ``"text"`` (B, L, E) and ``"text_mask"`` (B, L) as well, editing models also ``"source"`` (B, N)
+    (:meth:`Conditioning.from_batch`).
     """
 
     def __init__(self, loss: TokenLoss):
@@ -344,6 +348,10 @@ class GeneratorObjective:
     def __call__(self, model, batch: dict, step: int):
         tokens = batch["indices"]
         self.loss.to(tokens.device)
-        classes = batch["label"] if unwrap(model).config.num_classes > 0 else None
+        config = unwrap(model).config
+        if config.condition == "class":
+            classes = batch["label"] if config.num_classes > 0 else None
+        else:
+            classes = Conditioning.from_batch(batch, config.condition)
         latents = batch.get("latents") if self.loss.config.targets == "latents" else None
         return generator_loss(model, tokens, classes, self.loss, latents), {}

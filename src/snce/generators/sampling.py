@@ -1,8 +1,11 @@
 """Samplers for both generator families, with classifier-free guidance (CFG) on logits.
 
-CFG (LlamaGen): the conditional and unconditional (null-class) branches run as one batch of 2B and combine as
-``uncond + (cond - uncond) * cfg_scale`` (``torch.lerp``). ``cfg_scale=None`` runs the conditional branch only;
-``cfg_scale=1`` runs both and gives the conditional logits exactly (a check of the guided path).
+CFG (LlamaGen): the conditional and unconditional (null-condition) branches run as one batch of 2B and combine
+as ``uncond + (cond - uncond) * cfg_scale`` (``torch.lerp``). ``cfg_scale=None`` runs the conditional branch
+only; ``cfg_scale=1`` runs both and gives the conditional logits exactly (a check of the guided path). The null
+condition is the null class (class models), the null text (text models), or the null instruction with the same
+source (editing models: guidance on the instruction). Text and edit models take a
+:class:`~snce.generators.conditions.Conditioning` in place of the labels.
 
 Drawing a token (:func:`sample_logits`). Rows of logits x (..., K), tempered y = x / temperature, optionally
 filtered (top-k, then top-p: :func:`filter_logits`), are sampled by inverting the CDF with ONE uniform number u per
@@ -39,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from snce.generators.autoregressive import AutoregressiveTransformer
+from snce.generators.conditions import Conditioning, Prefix
 from snce.generators.masked_diffusion import SCHEDULES, MaskedDiffusionTransformer, mask_ratio
 from snce.generators.transformer import GeneratorModel
 
@@ -257,23 +261,43 @@ def _draw(model: GeneratorModel, hidden, cfg_scale, *, generator, **opts):
     return tokens, logp
 
 
-def _prepare(model, classes, num_samples, cfg_scale, temperature, top_k, top_p):
-    """Validate sampler arguments; returns (labels (B,) or (2B,) with the null class appended for CFG, B)."""
+def _prepare(model, classes, num_samples, cfg_scale, temperature, top_k, top_p, condition=None):
+    """Validate sampler arguments; returns (condition, B): for class models labels (B,) or (2B,) with the null
+    class appended for CFG; for text / edit models a Prefix of B or 2B rows ([cond; null condition])."""
     if not isinstance(model, GeneratorModel):
         raise TypeError(f"model must be a snce generator, got {type(model).__name__}")
-    if classes is None:
+    if isinstance(classes, Conditioning):
+        if condition is not None:
+            raise ValueError("give the condition once: as the second argument or as condition=")
+        classes, condition = None, classes
+    if cfg_scale is not None and not (
+        isinstance(cfg_scale, int | float) and math.isfinite(cfg_scale)
+    ):
+        raise ValueError(f"cfg_scale must be a finite number or None, got {cfg_scale!r}")
+    if model.config.condition != "class":
+        if classes is not None:
+            raise ValueError(
+                f"a {model.config.condition!r}-conditioned model takes a Conditioning, not classes"
+            )
+        checked = model.check_condition(condition, num_samples)
+        B = checked.batch_size if checked.batch_size is not None else num_samples
+        keep = torch.zeros(B, dtype=torch.bool, device=model.head_weight.device)
+        labels = model.embed_condition(checked, B, drop=keep)
+        if cfg_scale is not None:
+            labels = Prefix.cat(labels, model.embed_condition(checked, B, drop=~keep))
+    elif condition is not None:
+        labels = model.check_condition(condition, num_samples)
+    elif classes is None:
         if num_samples is None:
             raise ValueError("give classes (B,) or, for an unconditional model, num_samples")
         labels = model.check_classes(None, num_samples)
     else:
         labels = model.check_classes(classes, num_samples)
-    if cfg_scale is not None:
+    if cfg_scale is not None and model.config.condition == "class":
         if model.config.num_classes == 0:
             raise ValueError(
                 "cfg_scale needs a class-conditional model; this one has num_classes=0"
             )
-        if not (isinstance(cfg_scale, int | float) and math.isfinite(cfg_scale)):
-            raise ValueError(f"cfg_scale must be a finite number or None, got {cfg_scale!r}")
         labels = torch.cat([labels, torch.full_like(labels, model.null_class)])
     if not (isinstance(temperature, int | float) and temperature > 0):
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
@@ -281,14 +305,16 @@ def _prepare(model, classes, num_samples, cfg_scale, temperature, top_k, top_p):
         raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
     if not (isinstance(top_p, int | float) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
-    return labels, labels.shape[0] // (1 if cfg_scale is None else 2)
+    rows = labels.emb.shape[0] if isinstance(labels, Prefix) else labels.shape[0]
+    return labels, rows // (1 if cfg_scale is None else 2)
 
 
 @torch.no_grad()
 def sample_autoregressive(
     model: AutoregressiveTransformer,
-    classes: torch.Tensor | None = None,
+    classes: torch.Tensor | Conditioning | None = None,
     *,
+    condition: Conditioning | None = None,
     num_samples: int | None = None,
     cfg_scale: float | None = None,
     temperature: float = 1.0,
@@ -297,15 +323,20 @@ def sample_autoregressive(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Raster-order sampling: classes (B,) (or num_samples for an unconditional model) -> tokens (B, h, w)."""
+    """Raster-order sampling: classes (B,) (or num_samples for an unconditional model), or a Conditioning
+    (text / edit models; ``Conditioning()`` with num_samples: the null condition) -> tokens (B, h, w).
+
+    With a cache the prefix (with its padding mask) runs once, then one token per step."""
     if not isinstance(model, AutoregressiveTransformer):
         raise TypeError(f"model must be an AutoregressiveTransformer, got {type(model).__name__}")
-    labels, B = _prepare(model, classes, num_samples, cfg_scale, temperature, top_k, top_p)
+    labels, B = _prepare(
+        model, classes, num_samples, cfg_scale, temperature, top_k, top_p, condition
+    )
     opts = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     was_training = model.training
     model.eval()
-    cache = model.new_cache(labels.shape[0]) if use_cache else None
-    tokens = torch.zeros(B, 0, dtype=torch.long, device=labels.device)
+    cache = model.new_cache(B if cfg_scale is None else 2 * B) if use_cache else None
+    tokens = torch.zeros(B, 0, dtype=torch.long, device=model.head_weight.device)
     for _ in range(model.config.seq_len):
         prefix = tokens if cfg_scale is None else tokens.repeat(2, 1)
         hidden = model.next_hidden(prefix, labels, cache)  # (B or 2B, H)
@@ -318,8 +349,9 @@ def sample_autoregressive(
 @torch.no_grad()
 def sample_masked(
     model: MaskedDiffusionTransformer,
-    classes: torch.Tensor | None = None,
+    classes: torch.Tensor | Conditioning | None = None,
     *,
+    condition: Conditioning | None = None,
     num_samples: int | None = None,
     steps: int = 8,
     schedule: str | None = None,
@@ -338,12 +370,15 @@ def sample_masked(
     mask_len = floor(N * gamma(ratio)) least confident, clipped to [steps left, still masked - 1] (none at the last
     step). Each step therefore reveals at least one token, and revealed tokens never change.
 
+    classes (B,) labels (or num_samples for an unconditional model), or a Conditioning (text / edit models).
     Returns tokens (B, h, w); with return_history also the list of the T states after each step (mask_id where
     still masked).
     """
     if not isinstance(model, MaskedDiffusionTransformer):
         raise TypeError(f"model must be a MaskedDiffusionTransformer, got {type(model).__name__}")
-    labels, B = _prepare(model, classes, num_samples, cfg_scale, temperature, top_k, top_p)
+    labels, B = _prepare(
+        model, classes, num_samples, cfg_scale, temperature, top_k, top_p, condition
+    )
     N = model.config.seq_len
     if isinstance(steps, bool) or not (isinstance(steps, int) and 1 <= steps <= N):
         raise ValueError(
@@ -357,7 +392,7 @@ def sample_masked(
     opts = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     was_training = model.training
     model.eval()
-    tokens = torch.full((B, N), model.mask_id, dtype=torch.long, device=labels.device)
+    tokens = torch.full((B, N), model.mask_id, dtype=torch.long, device=model.head_weight.device)
     history = []
     for t in range(steps):
         unknown = tokens == model.mask_id  # (B, N); every row has the same count
@@ -393,8 +428,12 @@ def sample_masked(
     return (out, history) if return_history else out
 
 
-def sample(model: GeneratorModel, classes: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-    """Dispatch to :func:`sample_autoregressive` or :func:`sample_masked` by the model's family."""
+def sample(
+    model: GeneratorModel, classes: torch.Tensor | Conditioning | None = None, **kwargs
+) -> torch.Tensor:
+    """Dispatch to :func:`sample_autoregressive` or :func:`sample_masked` by the model's family.
+
+    classes: (B,) labels for class models, a Conditioning for text / edit models (or ``condition=``)."""
     if isinstance(model, AutoregressiveTransformer):
         return sample_autoregressive(model, classes, **kwargs)
     if isinstance(model, MaskedDiffusionTransformer):

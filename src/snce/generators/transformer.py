@@ -5,6 +5,11 @@ SwiGLU feed-forward, 2-D rotary position embeddings over the token grid, one cla
 (index ``num_classes`` is the "null" class used for classifier-free guidance), class dropout during training,
 and an untied, zero-initialised output head ``Linear(dim, vocab_size, bias=False)``.
 
+``GeneratorConfig.condition`` picks the prefix (``snce.generators.conditions``): "class" (the class token
+above), "text" (projected text embeddings with their padding mask, then a start token) or "edit" (instruction
+embeddings, the source image's tokens, a start token). Prefixes with padding are run with a boolean attention
+mask (padded keys hidden from every other position); the class prefix keeps the unmasked attention of before.
+
 Shapes: B batch, L sequence length (prefix + tokens), N = grid_h * grid_w image tokens, H model width,
 K codebook size (``vocab_size``), nh heads, hd = H / nh head width.
 
@@ -27,6 +32,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from snce.files import check_file, record_checksums, verified
+from snce.generators.conditions import (
+    CONDITIONS,
+    ClassCondition,
+    Conditioning,
+    EditCondition,
+    Prefix,
+    TextCondition,
+)
 
 # Named sizes: (n_layers, dim, n_heads). B to 3B are LlamaGen's class-conditional GPT sizes (Sun et al. 2024,
 # arXiv 2406.06525, Table 6; ``GPT_B`` .. ``GPT_3B`` in ``autoregressive/models/gpt.py``); the parameter counts in
@@ -52,7 +65,12 @@ class GeneratorConfig:
     num_classes: number of class labels; 0 makes an unconditional model (the prefix is then a learned start token).
     ffn_hidden: SwiGLU width; None -> LlamaGen's rule, 2/3 * 4 * dim rounded up to a multiple of 256.
     dropout: on token embeddings, attention output and feed-forward output (LlamaGen: 0.1).
-    class_dropout: probability of replacing a label by the null class while training (for CFG; LlamaGen: 0.1).
+    class_dropout: probability of replacing a label by the null class while training (for CFG; LlamaGen: 0.1);
+    for "text" / "edit" models, of replacing the text / the instruction by the null condition.
+    condition: "class" (labels; num_classes=0 for an unconditional model), "text" (text embeddings) or "edit"
+    (instruction embeddings + the source image's tokens); see ``snce.generators.conditions``.
+    text_dim: E, width of the text encoder's embeddings; max_text_len: L, its tokens per text ("text" and "edit"
+    only; 0 for "class").
     """
 
     family: ClassVar[str] = ""
@@ -69,6 +87,9 @@ class GeneratorConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    condition: str = "class"
+    text_dim: int = 0
+    max_text_len: int = 0
 
     def __post_init__(self):
         self.grid = tuple(int(g) for g in self.grid)
@@ -91,11 +112,35 @@ class GeneratorConfig:
             p = getattr(self, name)
             if not (isinstance(p, int | float) and 0.0 <= p < 1.0):
                 raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"condition must be one of {CONDITIONS}, got {self.condition!r}")
+        if self.condition == "class":
+            for name in ("text_dim", "max_text_len"):
+                if getattr(self, name) != 0:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} is for condition 'text' or 'edit'; "
+                        f"condition is 'class' (leave {name} at 0)"
+                    )
+        else:
+            _check_int(self.text_dim, "text_dim", 1)
+            _check_int(self.max_text_len, "max_text_len", 1)
+            if self.num_classes != 0:
+                raise ValueError(
+                    f"num_classes={self.num_classes} needs condition 'class'; condition "
+                    f"{self.condition!r} takes text, not labels (set num_classes to 0)"
+                )
 
     @property
     def seq_len(self) -> int:
         """N, image tokens per sample."""
         return self.grid[0] * self.grid[1]
+
+    @property
+    def prefix_len(self) -> int:
+        """P, condition tokens before the image tokens: 1 (class), L + 1 (text), L + N + 1 (edit)."""
+        if self.condition == "class":
+            return 1
+        return self.max_text_len + 1 + (self.seq_len if self.condition == "edit" else 0)
 
     @property
     def ffn_width(self) -> int:
@@ -106,6 +151,9 @@ class GeneratorConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["grid"] = list(self.grid)
+        if self.condition == "class":  # class models keep the config.json they always had
+            for name in ("condition", "text_dim", "max_text_len"):
+                del d[name]
         return {"family": self.family, **d}
 
     @classmethod
@@ -181,6 +229,21 @@ def rope_2d(grid: tuple[int, int], head_dim: int, n_prefix: int, base: float = 1
     return angles.cos().float(), angles.sin().float()
 
 
+def rope_tables(config: GeneratorConfig):
+    """cos, sin (P + N, hd/2) for a model's sequence [prefix (P), image grid (N)].
+
+    Class and text prefixes are not rotated. The edit prefix [instruction (L), source (N), start] rotates its
+    source tokens by the same 2-D angles as the target grid, so a target token and the source token at its
+    grid position are at relative offset 0.
+    """
+    hd = config.dim // config.n_heads
+    if config.condition != "edit":
+        return rope_2d(config.grid, hd, config.prefix_len, config.rope_base)
+    text = rope_2d(config.grid, hd, config.max_text_len, config.rope_base)  # [L zeros, grid]
+    target = rope_2d(config.grid, hd, 1, config.rope_base)  # [start, grid]
+    return torch.cat([text[0], target[0]]), torch.cat([text[1], target[1]])
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x0, x1) of x (B, nh, L, hd) by the angles of cos/sin (L, hd/2)."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
@@ -199,6 +262,8 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.length = 0  # positions filled so far
+        # (B, P) bool key mask of a padded prefix, set when the prefix is run (None: unmasked prefix)
+        self.prefix_mask = None
 
 
 class Attention(nn.Module):
@@ -209,12 +274,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, cos, sin, *, causal: bool, cache: KVCache | None = None, layer: int = 0):
-        """x (B, L, H) at positions [start, start + L), start = cache.length (0 without a cache)."""
+    def forward(
+        self, x, cos, sin, *, causal: bool, cache: KVCache | None = None, layer: int = 0, mask=None
+    ):
+        """x (B, L, H) at positions [start, start + L), start = cache.length (0 without a cache).
+
+        mask: None, or the whole boolean attention mask (B, 1, L, start + L) (True = attend), causality
+        included (``GeneratorModel.attention_mask``)."""
         B, L, H = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, H // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, nh, L, hd)
-        mask, is_causal = None, causal
+        is_causal = causal and mask is None  # a given mask already holds the causal structure
         if cache is not None:
             start = cache.length
             cache.k[layer][:, :, start : start + L] = k
@@ -222,7 +292,7 @@ class Attention(nn.Module):
             k, v = cache.k[layer][:, :, : start + L], cache.v[layer][:, :, : start + L]
             q = q.to(k.dtype)  # under autocast q is bf16 while the cache keeps the weights' dtype
             if (
-                causal and start > 0
+                is_causal and start > 0
             ):  # queries at start..start+L-1 see keys up to their own position
                 is_causal = False
                 mask = (
@@ -244,20 +314,31 @@ class Block(nn.Module):
         # torch.compile'd Block.body, shared by all blocks (GeneratorModel.configure_training); None = eager
         self.compiled_body = None
 
-    def forward(self, x, cos, sin, *, causal: bool, cache: KVCache | None = None, layer: int = 0):
+    def forward(
+        self, x, cos, sin, *, causal: bool, cache: KVCache | None = None, layer: int = 0, mask=None
+    ):
         # The compiled function runs inside this call, so module hooks (e.g. FSDP's all-gather) stay eager
         # around it; the KV-cache path of sampling always runs eagerly.
         if cache is None and self.compiled_body is not None:
-            return self.compiled_body(self, x, cos, sin, causal)
-        return self.body(x, cos, sin, causal, cache, layer)
+            if mask is None:
+                return self.compiled_body(self, x, cos, sin, causal)
+            return self.compiled_body(self, x, cos, sin, causal, None, 0, mask)
+        return self.body(x, cos, sin, causal, cache, layer, mask)
 
-    def body(self, x, cos, sin, causal: bool, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, causal=causal, cache=cache, layer=layer)
+    def body(
+        self, x, cos, sin, causal: bool, cache: KVCache | None = None, layer: int = 0, mask=None
+    ):
+        x = x + self.attn(
+            self.attn_norm(x), cos, sin, causal=causal, cache=cache, layer=layer, mask=mask
+        )
         return x + self.ffn(self.ffn_norm(x))
 
 
 class GeneratorModel(nn.Module):
-    """Class prefix + token embeddings -> transformer -> RMSNorm; the head is used by the loss or the sampler.
+    """Condition prefix + token embeddings -> transformer -> RMSNorm; the head is used by the loss or the sampler.
+
+    The condition module is ``cls_emb`` (class), ``text_cond`` (text) or ``edit_cond`` (edit), as
+    ``config.condition`` says; ``condition_module`` returns it.
 
     Subclasses set ``config_class``, ``causal`` and ``extra_tokens`` (input ids beyond the codebook, e.g. [MASK]).
     """
@@ -274,12 +355,19 @@ class GeneratorModel(nn.Module):
             )
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size + self.extra_tokens, config.dim)
-        self.cls_emb = nn.Embedding(config.num_classes + 1, config.dim)  # last row: null class
+        if config.condition == "class":
+            self.cls_emb = ClassCondition(config.num_classes, config.dim)  # last row: null class
+        elif config.condition == "text":
+            self.text_cond = TextCondition(config.text_dim, config.max_text_len, config.dim)
+        else:
+            self.edit_cond = EditCondition(
+                config.text_dim, config.max_text_len, config.dim, config.seq_len
+            )
         self.emb_drop = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        cos, sin = rope_2d(config.grid, config.dim // config.n_heads, 1, config.rope_base)
+        cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -319,6 +407,21 @@ class GeneratorModel(nn.Module):
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear | nn.Embedding):
             nn.init.normal_(m.weight, std=self.config.init_std)
+        elif isinstance(m, TextCondition):
+            m.init_weights(self.config.init_std)
+
+    @property
+    def condition_module(self) -> nn.Module:
+        """``cls_emb``, ``text_cond`` or ``edit_cond``: the module that embeds this model's condition."""
+        return getattr(
+            self,
+            {"class": "cls_emb", "text": "text_cond", "edit": "edit_cond"}[self.config.condition],
+        )
+
+    @property
+    def prefix_len(self) -> int:
+        """P, condition tokens before the image tokens (``GeneratorConfig.prefix_len``)."""
+        return self.config.prefix_len
 
     @property
     def null_class(self) -> int:
@@ -331,7 +434,10 @@ class GeneratorModel(nn.Module):
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
-        return n if embeddings else n - self.tok_emb.weight.numel() - self.cls_emb.weight.numel()
+        if embeddings:
+            return n
+        cond = self.cls_emb.weight.numel() if self.config.condition == "class" else 0
+        return n - self.tok_emb.weight.numel() - cond
 
     def check_classes(self, classes, batch: int | None = None) -> torch.Tensor:
         """Validate class ids (B,) in [0, num_classes) (or None for an unconditional model) -> long tensor."""
@@ -388,8 +494,139 @@ class GeneratorModel(nn.Module):
             classes = torch.where(drop, torch.full_like(classes, self.null_class), classes)
         return self.cls_emb(classes)[:, None]
 
-    def run(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Input embeddings (B, L, H) at positions [start, start + L) -> normalised hidden states (B, L, H)."""
+    def check_condition(self, condition, batch: int | None = None):
+        """Validate a batch's condition for this model.
+
+        condition: (B,) labels or None (class models, as ``check_classes``), or a :class:`Conditioning`.
+        Returns class ids (B,) long for class models; for text / edit models a Conditioning with text
+        (B, L, E) zero-padded to L = max_text_len (or None: the null condition), text_mask (B, L) bool (False
+        past the given length) and source (B, N) long (edit).
+        """
+        cfg = self.config
+        if cfg.condition == "class":
+            if isinstance(condition, Conditioning):
+                unused = [
+                    n for n in ("text", "text_mask", "source") if getattr(condition, n) is not None
+                ]
+                if unused:
+                    raise ValueError(f"a class-conditioned model takes classes only; got {unused}")
+                condition = condition.classes
+            return self.check_classes(condition, batch)
+        if condition is None:
+            condition = Conditioning()
+        if not isinstance(condition, Conditioning):
+            raise TypeError(
+                f"a {cfg.condition!r}-conditioned model takes a Conditioning, got {_describe(condition)}"
+            )
+        if condition.classes is not None:
+            raise ValueError(
+                f"a {cfg.condition!r}-conditioned model takes no classes (condition.classes must be None)"
+            )
+        n = condition.batch_size
+        if batch is not None and n is not None and n != batch:
+            raise ValueError(f"the condition holds {n} rows, expected {batch} (one per sample)")
+        batch = n if n is not None else batch
+        if batch is None:
+            raise ValueError("give a condition with tensors or a batch size (num_samples)")
+        device = self.head.weight.device
+        text, mask, source = condition.text, condition.text_mask, None
+        if cfg.condition == "edit":
+            if condition.source is None:
+                raise ValueError(
+                    "an editing model needs the source image's tokens (condition.source)"
+                )
+            source = self.check_tokens(condition.source.to(device), name="condition.source")
+            if source.shape != (batch, cfg.seq_len):
+                raise ValueError(
+                    f"condition.source must hold {cfg.seq_len} tokens per image (grid {cfg.grid}), got "
+                    f"{tuple(condition.source.shape)}"
+                )
+        elif condition.source is not None:
+            raise ValueError(
+                "condition.source is for editing models; this one is 'text'-conditioned"
+            )
+        if text is None:
+            if mask is not None:
+                raise ValueError("condition.text_mask without condition.text")
+            return Conditioning(source=source)
+        E, L = cfg.text_dim, cfg.max_text_len
+        if not (torch.is_tensor(text) and text.is_floating_point() and text.dim() == 3):
+            raise ValueError(
+                f"condition.text must be a float tensor (B, L, E), got {_describe(text)}"
+            )
+        if text.shape[0] != batch or text.shape[2] != E or text.shape[1] > L:
+            raise ValueError(
+                f"condition.text must have shape ({batch}, <= {L}, {E}) (text_dim={E}, "
+                f"max_text_len={L}), got {tuple(text.shape)}"
+            )
+        if mask is None:
+            mask = torch.ones(text.shape[:2], dtype=torch.bool, device=device)
+        if not (torch.is_tensor(mask) and mask.shape == text.shape[:2]) or mask.is_floating_point():
+            raise ValueError(
+                f"condition.text_mask must be a bool tensor of shape {tuple(text.shape[:2])} "
+                f"(True = real token), got {_describe(mask)}"
+            )
+        pad = L - text.shape[1]
+        text = F.pad(text.to(device), (0, 0, 0, pad))  # (B, L, E)
+        mask = F.pad(mask.to(device, torch.bool), (0, pad), value=False)  # (B, L)
+        return Conditioning(text=text, text_mask=mask, source=source)
+
+    def embed_condition(self, condition, batch: int | None = None, *, drop=None) -> Prefix:
+        """Condition -> prefix tokens (``check_condition``, then the condition module).
+
+        drop: (B,) bool, rows to replace by the null condition (the null class, the null text, or for
+        editing the null instruction with the source kept); None -> in training mode each row is dropped
+        with p = class_dropout, in eval mode none.
+        """
+        cfg = self.config
+        checked = self.check_condition(condition, batch)
+        if cfg.condition == "class":
+            if drop is None:
+                return Prefix(self.class_prefix(checked))
+            return self.cls_emb.prefix(checked, self._check_drop(drop, checked.shape[0]))
+        B = checked.batch_size if checked.batch_size is not None else batch
+        if drop is None and self.training and cfg.class_dropout > 0 and checked.text is not None:
+            drop = torch.rand(B, device=self.head.weight.device) < cfg.class_dropout
+        elif drop is not None:
+            drop = self._check_drop(drop, B)
+        if cfg.condition == "text":
+            return self.text_cond.prefix(checked.text, checked.text_mask, drop, batch=B)
+        source = self.tok_emb(checked.source)  # (B, N, H)
+        return self.edit_cond.prefix(checked.text, checked.text_mask, source, drop, batch=B)
+
+    def _check_drop(self, drop, batch: int) -> torch.Tensor:
+        drop = torch.as_tensor(drop, device=self.head.weight.device)
+        if drop.shape != (batch,) or drop.dtype != torch.bool:
+            raise ValueError(f"drop must be a bool tensor ({batch},), got {_describe(drop)}")
+        return drop
+
+    def attention_mask(self, key_mask: torch.Tensor | None, length: int, start: int = 0):
+        """Boolean attention mask (B, 1, length, start + length) for queries at [start, start + length).
+
+        key_mask (B, >= start + length) bool says which keys are real; a padded key is seen by no other
+        position, each query still sees itself (no empty attention row), and causal models see no later
+        key. None -> None (unmasked attention, as for the class prefix).
+        """
+        if key_mask is None:
+            return None
+        total = start + length
+        q = torch.arange(start, total, device=key_mask.device)[:, None]  # (length, 1)
+        k = torch.arange(total, device=key_mask.device)[None, :]  # (1, total)
+        allowed = key_mask[:, None, :total] | (k == q)  # (B, length, total)
+        if self.causal:
+            allowed = allowed & (k <= q)
+        return allowed[:, None]
+
+    def run(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Input embeddings (B, L, H) at positions [start, start + L) -> normalised hidden states (B, L, H).
+
+        key_mask: None, or (B, start + L) bool, False at padded positions (see ``attention_mask``).
+        """
         start = 0 if cache is None else cache.length
         if start + x.shape[1] > self.rope_cos.shape[0]:
             raise ValueError(
@@ -399,16 +636,29 @@ class GeneratorModel(nn.Module):
             self.rope_cos[start : start + x.shape[1]],
             self.rope_sin[start : start + x.shape[1]],
         )
+        mask = self.attention_mask(key_mask, x.shape[1], start)
         x = self.emb_drop(x)
         recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if recompute:
-                x = checkpoint(layer, x, cos, sin, causal=self.causal, use_reentrant=False)
+                x = checkpoint(
+                    layer, x, cos, sin, causal=self.causal, mask=mask, use_reentrant=False
+                )
             else:
-                x = layer(x, cos, sin, causal=self.causal, cache=cache, layer=i)
+                x = layer(x, cos, sin, causal=self.causal, cache=cache, layer=i, mask=mask)
         if cache is not None:
             cache.length += x.shape[1]
         return self.norm(x)
+
+    @staticmethod
+    def key_mask(prefix: Prefix, length: int) -> torch.Tensor | None:
+        """(B, length) key mask of [prefix, image tokens]: the prefix's mask, then all real; None for an
+        unmasked prefix."""
+        if prefix.mask is None:
+            return None
+        B, P = prefix.mask.shape
+        image = torch.ones(B, length - P, dtype=torch.bool, device=prefix.mask.device)
+        return torch.cat([prefix.mask, image], dim=1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., K) float32 logits; only for sampling and small checks (training never builds them)."""
@@ -462,6 +712,7 @@ def _describe(x) -> str:
 
 __all__ = [
     "PRESETS",
+    "Conditioning",
     "GeneratorConfig",
     "GeneratorModel",
     "KVCache",
