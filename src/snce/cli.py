@@ -77,6 +77,11 @@ def add_tokenizer_commands(sub) -> None:
     tok.add_argument("--out", required=True, help="shard directory to create")
     _add_data_args(tok, default_split="train")
     tok.add_argument("--latents", action="store_true", help="also store the encoder latents (fp16)")
+    tok.add_argument(
+        "--text-encoder", default=None, metavar="SPEC",
+        help="embed the dataset's captions with this text encoder and store them: builtin | hf:DIR | "
+        'a JSON spec such as \'{"kind": "builtin", "dim": 64}\'',
+    )  # fmt: skip
     tok.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     tok.set_defaults(func=tokenize)
 
@@ -168,10 +173,16 @@ def tokenize(args) -> int:
     from snce.tokenizer import Tokenizer, load_data_config, tokenize_dataset
 
     data = load_data_config(args.tokenizer, args.overrides)
+    text_encoder = None
+    if args.text_encoder is not None:
+        from snce.text import build_text_encoder
+        from snce.train.distributed import resolve_device
+
+        text_encoder = build_text_encoder(args.text_encoder, device=resolve_device(args.device))
     tokenizer = Tokenizer.from_pretrained(args.tokenizer)
     manifest = tokenize_dataset(
         tokenizer, build_dataset(data, split=args.split), args.out, data_config=data, latents=args.latents,
-        batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
+        batch_size=args.batch_size, device=args.device, overwrite=args.overwrite, text_encoder=text_encoder,
     )  # fmt: skip
     print(
         f"wrote {manifest.num_samples} token grids of {manifest.grid[0]}x{manifest.grid[1]} "

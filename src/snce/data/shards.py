@@ -3,13 +3,21 @@
 Layout of a shard directory::
 
     manifest.json             format, grid shape, codebook size / metric / hash, tokenizer config, counts
-    shard_00000.safetensors   "indices" int32 (n, h, w), "labels" int64 (n,), ["latents" float16 (n, h, w, D)]
+    shard_00000.safetensors   "indices" int32 (n, h, w), "labels" int64 (n,), ["latents" float16 (n, h, w, D)],
+                              ["text" float16 (n, L, E), "text_mask" bool (n, L)]
     shard_00001.safetensors   ...
 
 ``latents`` (optional) are the continuous encoder outputs the quantizer assigned, in the layout of the
 indices with the code dimension last, so exact-latent SNCE targets can be built from them. The manifest's
 ``codebook_hash`` identifies the tokenizer that made the shards; :meth:`ShardManifest.check_tokenizer`
 rejects decoding or SNCE targets with any other tokenizer.
+
+``text`` / ``text_mask`` (optional) are each item's caption or instruction embedded by a text encoder
+(:mod:`snce.text`; padding zeroed, mask True at real tokens); the raw texts ride along in each shard's
+safetensors metadata (key ``"texts"``, a JSON list). The manifest's ``text_encoder`` records the encoder's spec,
+dim, max_length and fingerprint; :meth:`ShardManifest.check_text_encoder` (and ``TokenShards(...,
+text_encoder=...)``) refuse any other encoder, whose embeddings would mean something else. Shards written
+before text existed have no such entry and load as before.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
@@ -46,17 +55,34 @@ class ShardManifest:
     num_samples: int = 0
     shards: list[dict] = field(default_factory=list)
     format: str = FORMAT
+    # {"spec", "fingerprint", "dim", "max_length"} of the text encoder when text embeddings are stored
+    text_encoder: dict | None = None
 
     @property
     def has_latents(self) -> bool:
         return self.latent_dim is not None
 
     @property
+    def has_text(self) -> bool:
+        return self.text_encoder is not None
+
+    @staticmethod
+    def text_entry(encoder) -> dict:
+        """The ``text_encoder`` entry for a :class:`snce.text.TextEncoder`."""
+        return {
+            "spec": encoder.spec, "fingerprint": encoder.fingerprint(), "dim": int(encoder.dim),
+            "max_length": int(encoder.max_length),
+        }  # fmt: skip
+
+    @property
     def seq_len(self) -> int:
         return self.grid[0] * self.grid[1]
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "grid": list(self.grid)}
+        data = {**asdict(self), "grid": list(self.grid)}
+        if data["text_encoder"] is None:  # shards without text keep the manifest they always had
+            del data["text_encoder"]
+        return data
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ShardManifest:
@@ -79,6 +105,25 @@ class ShardManifest:
                 f"these token shards were made by a tokenizer with codebook hash {self.codebook_hash[:16]}..., "
                 f"but the given tokenizer's codebook hashes to {got[:16]}...; decode and build SNCE targets "
                 "with the tokenizer that made the shards (or re-run `snce tokenize`)"
+            )
+
+    def check_text_encoder(self, encoder) -> None:
+        """Raise ValueError unless ``encoder`` (a TextEncoder, or its fingerprint as a str) made the stored text
+        embeddings; the message names both encoders."""
+        if not self.has_text:
+            raise ValueError(
+                "these token shards hold no text embeddings (made from a dataset without texts, or "
+                "without --text-encoder); a text encoder cannot be checked against them"
+            )
+        got = encoder if isinstance(encoder, str) else encoder.fingerprint()
+        want = self.text_encoder["fingerprint"]
+        if got != want:
+            given = "" if isinstance(encoder, str) else f" {encoder.spec}"
+            raise ValueError(
+                f"these token shards hold text embeddings of the text encoder {self.text_encoder['spec']} "
+                f"(fingerprint {want[:16]}...), but the given text encoder{given} has fingerprint "
+                f"{got[:16]}...: its embeddings mean something else; use the shards' encoder (or re-run "
+                "`snce tokenize` with this one)"
             )
 
 
@@ -107,13 +152,25 @@ class ShardWriter:
             stale.unlink()
         self.manifest, self.shard_size = manifest, shard_size
         self.manifest.shards, self.manifest.num_samples = [], 0
-        self._buf: dict[str, list[torch.Tensor]] = {"indices": [], "labels": [], "latents": []}
+        self._buf: dict[str, list[torch.Tensor]] = {
+            "indices": [], "labels": [], "latents": [], "text": [], "text_mask": [],
+        }  # fmt: skip
+        self._texts: list[str] = []
         self._buffered = 0
 
     def add(
-        self, indices: torch.Tensor, labels: torch.Tensor, latents: torch.Tensor | None = None
+        self,
+        indices: torch.Tensor,
+        labels: torch.Tensor,
+        latents: torch.Tensor | None = None,
+        *,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        texts: list[str] | None = None,
     ) -> None:
-        """indices (B, h, w) int; labels (B,) int; latents (B, h, w, D) float when the manifest has latent_dim."""
+        """indices (B, h, w) int; labels (B,) int; latents (B, h, w, D) float when the manifest has latent_dim;
+        text (B, L, E) float, text_mask (B, L) bool and texts (B strings) when the manifest has a
+        text_encoder (L, E: its max_length and dim)."""
         h, w = self.manifest.grid
         if indices.dim() != 3 or tuple(indices.shape[1:]) != (h, w):
             raise ValueError(f"indices must be (B, {h}, {w}), got {tuple(indices.shape)}")
@@ -128,6 +185,29 @@ class ShardWriter:
             raise ValueError(
                 f"latents must be (B, {h}, {w}, {self.manifest.latent_dim}), got {tuple(latents.shape)}"
             )
+        if self.manifest.has_text:
+            L, E = self.manifest.text_encoder["max_length"], self.manifest.text_encoder["dim"]
+            n = indices.shape[0]
+            if text is None or text_mask is None or texts is None:
+                raise ValueError(
+                    "text, text_mask and texts must be given: the manifest has a text_encoder"
+                )
+            if tuple(text.shape) != (n, L, E) or tuple(text_mask.shape) != (n, L):
+                raise ValueError(
+                    f"text must be ({n}, {L}, {E}) and text_mask ({n}, {L}), got "
+                    f"{tuple(text.shape)} and {tuple(text_mask.shape)}"
+                )
+            if text_mask.dtype != torch.bool:
+                raise ValueError(f"text_mask must be bool (True = token), got {text_mask.dtype}")
+            if len(texts) != n or not all(isinstance(t, str) for t in texts):
+                raise ValueError(f"texts must be {n} strings")
+            self._buf["text"].append(text.detach().to("cpu", torch.float16))
+            self._buf["text_mask"].append(text_mask.detach().cpu())
+            self._texts.extend(texts)
+        elif text is not None or text_mask is not None or texts is not None:
+            raise ValueError(
+                "text embeddings need a manifest with a text_encoder (ShardManifest.text_entry)"
+            )
         self._buf["indices"].append(indices.detach().to("cpu", torch.int32))
         self._buf["labels"].append(labels.detach().to("cpu", torch.int64))
         if latents is not None:
@@ -139,7 +219,13 @@ class ShardWriter:
     def _flush(self, count: int) -> None:
         tensors = {k: torch.cat(v) for k, v in self._buf.items() if v}
         name = f"shard_{len(self.manifest.shards):05d}.safetensors"
-        save_file({k: v[:count].contiguous() for k, v in tensors.items()}, str(self.dir / name))
+        metadata = None
+        if self.manifest.has_text:
+            metadata = {"texts": json.dumps(self._texts[:count])}
+            self._texts = self._texts[count:]
+        save_file(
+            {k: v[:count].contiguous() for k, v in tensors.items()}, str(self.dir / name), metadata
+        )
         self._buf = {k: [tensors[k][count:]] if k in tensors else [] for k in self._buf}
         self._buffered -= count
         self.manifest.shards.append({"file": name, "count": count})
@@ -155,27 +241,50 @@ class ShardWriter:
 class TokenShards(Dataset):
     """A shard directory as a Dataset (all shards loaded into memory).
 
-    Item i: ``{"indices": (L,) long, "label": long scalar[, "latents": (L, D) float32]}`` with
-    L = h * w tokens in raster order. Whole arrays: ``.indices`` (N, h, w) int32, ``.labels`` (N,),
-    ``.latents`` (N, h, w, D) float16 or None.
+    Item i: ``{"indices": (L,) long, "label": long scalar[, "latents": (L, D) float32][, "text": (T, E)
+    float32, "text_mask": (T,) bool]}`` with L = h * w tokens in raster order and T, E the text encoder's
+    max_length and dim. Whole arrays: ``.indices`` (N, h, w) int32, ``.labels`` (N,), ``.latents``
+    (N, h, w, D) float16 or None, ``.text`` (N, T, E) float16 and ``.text_mask`` (N, T) bool or None,
+    ``.texts`` (N strings) or None.
+
+    ``text_encoder`` (a TextEncoder or its fingerprint) is checked against the manifest before anything is
+    read: shards embedded by another encoder are refused. ``load_text=False`` skips the embeddings.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, load_latents: bool = True):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        load_latents: bool = True,
+        load_text: bool = True,
+        text_encoder=None,
+    ):
         self.dir = Path(directory)
         self.manifest = ShardManifest.load(self.dir)
-        parts: dict[str, list[torch.Tensor]] = {"indices": [], "labels": [], "latents": []}
+        if text_encoder is not None:
+            self.manifest.check_text_encoder(text_encoder)
+        skip = set() if load_latents else {"latents"}
+        if not load_text:
+            skip |= {"text", "text_mask"}
+        parts: dict[str, list[torch.Tensor]] = {
+            "indices": [], "labels": [], "latents": [], "text": [], "text_mask": [],
+        }  # fmt: skip
+        texts: list[str] = []
         for shard in self.manifest.shards:
             path = self.dir / shard["file"]
             if not path.is_file():
                 raise FileNotFoundError(f"shard {path} listed in the manifest is missing")
             with verified(path):
                 tensors = load_file(str(path))
+                if self.manifest.has_text:
+                    with safe_open(str(path), "pt") as f:
+                        texts.extend(json.loads((f.metadata() or {}).get("texts", "[]")))
             if tensors["indices"].shape[0] != shard["count"]:
                 raise ValueError(
                     f"shard {path} holds {tensors['indices'].shape[0]} samples, manifest says {shard['count']}"
                 )
             for k in parts:
-                if k in tensors and (k != "latents" or load_latents):
+                if k in tensors and k not in skip:
                     parts[k].append(tensors[k])
         h, w = self.manifest.grid
         self.indices = (
@@ -187,6 +296,24 @@ class TokenShards(Dataset):
             torch.cat(parts["labels"]) if parts["labels"] else torch.zeros(0, dtype=torch.int64)
         )
         self.latents = torch.cat(parts["latents"]) if parts["latents"] else None
+        self.text = self.text_mask = None
+        if self.manifest.has_text and load_text:
+            L, E = self.manifest.text_encoder["max_length"], self.manifest.text_encoder["dim"]
+            self.text = (
+                torch.cat(parts["text"])
+                if parts["text"]
+                else torch.zeros(0, L, E, dtype=torch.float16)
+            )
+            self.text_mask = (
+                torch.cat(parts["text_mask"])
+                if parts["text_mask"]
+                else torch.zeros(0, L, dtype=torch.bool)
+            )
+        self.texts = texts if self.manifest.has_text else None
+        if self.manifest.has_text and len(texts) != len(self.indices):
+            raise ValueError(
+                f"{self.dir}: {len(texts)} texts stored for {len(self.indices)} samples"
+            )
 
     def __len__(self) -> int:
         return self.indices.shape[0]
@@ -195,4 +322,6 @@ class TokenShards(Dataset):
         item = {"indices": self.indices[i].reshape(-1).long(), "label": self.labels[i]}
         if self.latents is not None:
             item["latents"] = self.latents[i].reshape(self.manifest.seq_len, -1).float()
+        if self.text is not None:
+            item["text"], item["text_mask"] = self.text[i].float(), self.text_mask[i]
         return item

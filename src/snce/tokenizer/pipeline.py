@@ -350,14 +350,30 @@ def tokenize_dataset(
     device: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    text_encoder=None,
 ) -> ShardManifest:
     """Encode every image of ``dataset`` (in order) and write token shards; returns the manifest.
 
     ``latents=True`` also stores the encoder outputs (fp16, code dimension last) for exact-latent SNCE.
+    A dataset whose items are ``(image, text, ...)`` (a caption: a str second element) needs ``text_encoder``
+    (a :class:`snce.text.TextEncoder`): each text's embeddings and mask are stored beside its tokens, the
+    encoder's spec and fingerprint in the manifest, and the labels are 0.
     """
     dev = resolve_device(device)
     tokenizer = tokenizer.to(dev).eval()
-    first = _images(next(iter(_loader(dataset, 1))))
+    first_batch = next(iter(_loader(dataset, 1)))
+    first = _images(first_batch)
+    has_text = _texts(first_batch) is not None
+    if has_text and text_encoder is None:
+        raise ValueError(
+            "the dataset's items carry texts (captions): pass a text encoder (snce tokenize "
+            "--text-encoder builtin | hf:DIR) to store their embeddings"
+        )
+    if text_encoder is not None and not has_text:
+        raise ValueError(
+            "a text encoder was given, but the dataset's items carry no texts: expected "
+            "(image, text, ...) items"
+        )
     h, w = (s // tokenizer.config.downsample for s in first.shape[-2:])
     manifest = ShardManifest(
         grid=(h, w),
@@ -369,10 +385,26 @@ def tokenize_dataset(
         latent_dim=tokenizer.config.latent_channels if latents else None,
         class_names=list(getattr(dataset, "class_names", [])),
         dataset=data_config.to_dict() if data_config is not None else {},
+        text_encoder=ShardManifest.text_entry(text_encoder) if has_text else None,
     )
     writer = ShardWriter(out_dir, manifest, shard_size=shard_size, overwrite=overwrite)
-    for images, labels in tqdm(_loader(dataset, batch_size), desc="tokenize", disable=not progress):
+    for batch in tqdm(_loader(dataset, batch_size), desc="tokenize", disable=not progress):
+        images, texts = _images(batch), _texts(batch)
         enc = tokenizer.encode(images.to(dev))
         lat = enc.latents.permute(0, 2, 3, 1) if latents else None  # (B, h, w, D)
-        writer.add(enc.indices, torch.as_tensor(labels), lat)
+        if texts is None:
+            writer.add(enc.indices, torch.as_tensor(batch[1]), lat)
+        else:
+            emb, mask = text_encoder.encode(texts)  # (B, T, E), (B, T)
+            labels = torch.zeros(len(texts), dtype=torch.long)
+            writer.add(enc.indices, labels, lat, text=emb, text_mask=mask, texts=texts)
     return writer.close()
+
+
+def _texts(batch) -> list[str] | None:
+    """The texts of a collated ``(image, text, ...)`` batch, or None when its second element is no text."""
+    if isinstance(batch, (list, tuple)) and len(batch) > 1:
+        second = batch[1]
+        if isinstance(second, (list, tuple)) and second and all(isinstance(t, str) for t in second):
+            return list(second)
+    return None
