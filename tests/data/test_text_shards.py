@@ -94,7 +94,7 @@ def test_shards_without_text_still_load(tmp_path):
     w.add(torch.ones(2, 2, 3, dtype=torch.long), torch.tensor([1, 2]))
     w.close()
     on_disk = json.loads((tmp_path / "manifest.json").read_text())
-    assert "text_encoder" not in on_disk  # the manifest text-free shards always had
+    assert "text_encoder" not in on_disk and "edit" not in on_disk  # the manifest they always had
     ds = TokenShards(tmp_path)
     assert not ds.manifest.has_text and ds.text is None and ds.texts is None
     assert set(ds[0]) == {"indices", "label"}
@@ -182,3 +182,45 @@ def test_cli_tokenize_takes_a_text_encoder(tmp_path, capsys):
         main([*args, "--text-encoder", '{"kind": "builtin", "dim": 8}']) == 2
     )  # digits: no captions
     assert "carry no texts" in capsys.readouterr().err
+
+
+class Edits(Dataset):
+    """Editing triples as dicts, like the scenes' SceneEdits."""
+
+    def __init__(self, n=5):
+        self.sources, self.targets = torch.rand(2, n, 1, 8, 8) * 2 - 1
+        self.instructions = ["make the circle green", "move the square left", "", "a", "b"][:n]
+
+    def __len__(self):
+        return len(self.sources)
+
+    def __getitem__(self, i):
+        return {
+            "source": self.sources[i], "instruction": self.instructions[i], "target": self.targets[i],
+            "edit": {"kind": "recolour", "object": 0},
+        }  # fmt: skip
+
+
+def test_tokenize_stores_editing_triples(tmp_path):
+    tok, data, enc = tiny_tokenizer(), Edits(), BuiltinTextEncoder(dim=8, max_length=6)
+    m = tokenize_dataset(
+        tok,
+        data,
+        tmp_path,
+        batch_size=2,
+        shard_size=3,
+        progress=False,
+        device="cpu",
+        text_encoder=enc,
+    )
+    assert m.edit and m.has_text and json.loads((tmp_path / "manifest.json").read_text())["edit"]
+    ds = TokenShards(tmp_path, text_encoder=enc)
+    with torch.no_grad():
+        assert torch.equal(ds.indices.long(), tok.encode(data.targets).indices)
+        assert torch.equal(ds.source.long(), tok.encode(data.sources).indices)
+    assert ds.texts == data.instructions
+    assert torch.equal(ds.text_mask, enc.encode(data.instructions)[1])
+    assert torch.equal(ds[4]["source"], ds.source[4].reshape(-1).long())
+    idx = torch.zeros(1, 2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="source must be given exactly when"):
+        ShardWriter(tmp_path / "c", manifest()).add(idx, torch.zeros(1), source=idx)

@@ -4,7 +4,7 @@ Layout of a shard directory::
 
     manifest.json             format, grid shape, codebook size / metric / hash, tokenizer config, counts
     shard_00000.safetensors   "indices" int32 (n, h, w), "labels" int64 (n,), ["latents" float16 (n, h, w, D)],
-                              ["text" float16 (n, L, E), "text_mask" bool (n, L)]
+                              ["text" float16 (n, L, E), "text_mask" bool (n, L)], ["source" int32 (n, h, w)]
     shard_00001.safetensors   ...
 
 ``latents`` (optional) are the continuous encoder outputs the quantizer assigned, in the layout of the
@@ -18,6 +18,9 @@ safetensors metadata (key ``"texts"``, a JSON list). The manifest's ``text_encod
 dim, max_length and fingerprint; :meth:`ShardManifest.check_text_encoder` (and ``TokenShards(...,
 text_encoder=...)``) refuse any other encoder, whose embeddings would mean something else. Shards written
 before text existed have no such entry and load as before.
+
+Editing shards (manifest ``edit: true``) hold triples: ``indices`` are the target image's tokens, ``source`` the
+source image's tokens (same grid) and the text is the instruction.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class ShardManifest:
     format: str = FORMAT
     # {"spec", "fingerprint", "dim", "max_length"} of the text encoder when text embeddings are stored
     text_encoder: dict | None = None
+    edit: bool = False  # items are edits: "source" tokens beside the target's "indices"
 
     @property
     def has_latents(self) -> bool:
@@ -80,8 +84,9 @@ class ShardManifest:
 
     def to_dict(self) -> dict:
         data = {**asdict(self), "grid": list(self.grid)}
-        if data["text_encoder"] is None:  # shards without text keep the manifest they always had
-            del data["text_encoder"]
+        for key, absent in (("text_encoder", None), ("edit", False)):
+            if data[key] == absent:  # shards without them keep the manifest they always had
+                del data[key]
         return data
 
     @classmethod
@@ -153,7 +158,7 @@ class ShardWriter:
         self.manifest, self.shard_size = manifest, shard_size
         self.manifest.shards, self.manifest.num_samples = [], 0
         self._buf: dict[str, list[torch.Tensor]] = {
-            "indices": [], "labels": [], "latents": [], "text": [], "text_mask": [],
+            "indices": [], "labels": [], "latents": [], "text": [], "text_mask": [], "source": [],
         }  # fmt: skip
         self._texts: list[str] = []
         self._buffered = 0
@@ -167,10 +172,11 @@ class ShardWriter:
         text: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         texts: list[str] | None = None,
+        source: torch.Tensor | None = None,
     ) -> None:
         """indices (B, h, w) int; labels (B,) int; latents (B, h, w, D) float when the manifest has latent_dim;
         text (B, L, E) float, text_mask (B, L) bool and texts (B strings) when the manifest has a
-        text_encoder (L, E: its max_length and dim)."""
+        text_encoder (L, E: its max_length and dim); source (B, h, w) int when the manifest is an edit one."""
         h, w = self.manifest.grid
         if indices.dim() != 3 or tuple(indices.shape[1:]) != (h, w):
             raise ValueError(f"indices must be (B, {h}, {w}), got {tuple(indices.shape)}")
@@ -185,29 +191,20 @@ class ShardWriter:
             raise ValueError(
                 f"latents must be (B, {h}, {w}, {self.manifest.latent_dim}), got {tuple(latents.shape)}"
             )
+        if (source is None) == self.manifest.edit:
+            raise ValueError("source must be given exactly when the manifest has edit=True")
+        if source is not None and source.shape != indices.shape:
+            raise ValueError(
+                f"source must be shaped like indices {tuple(indices.shape)}, got {tuple(source.shape)}"
+            )
+        self._check_text(indices.shape[0], text, text_mask, texts)
+        # all checked: buffer
         if self.manifest.has_text:
-            L, E = self.manifest.text_encoder["max_length"], self.manifest.text_encoder["dim"]
-            n = indices.shape[0]
-            if text is None or text_mask is None or texts is None:
-                raise ValueError(
-                    "text, text_mask and texts must be given: the manifest has a text_encoder"
-                )
-            if tuple(text.shape) != (n, L, E) or tuple(text_mask.shape) != (n, L):
-                raise ValueError(
-                    f"text must be ({n}, {L}, {E}) and text_mask ({n}, {L}), got "
-                    f"{tuple(text.shape)} and {tuple(text_mask.shape)}"
-                )
-            if text_mask.dtype != torch.bool:
-                raise ValueError(f"text_mask must be bool (True = token), got {text_mask.dtype}")
-            if len(texts) != n or not all(isinstance(t, str) for t in texts):
-                raise ValueError(f"texts must be {n} strings")
             self._buf["text"].append(text.detach().to("cpu", torch.float16))
             self._buf["text_mask"].append(text_mask.detach().cpu())
             self._texts.extend(texts)
-        elif text is not None or text_mask is not None or texts is not None:
-            raise ValueError(
-                "text embeddings need a manifest with a text_encoder (ShardManifest.text_entry)"
-            )
+        if source is not None:
+            self._buf["source"].append(source.detach().to("cpu", torch.int32))
         self._buf["indices"].append(indices.detach().to("cpu", torch.int32))
         self._buf["labels"].append(labels.detach().to("cpu", torch.int64))
         if latents is not None:
@@ -215,6 +212,28 @@ class ShardWriter:
         self._buffered += indices.shape[0]
         while self._buffered >= self.shard_size:
             self._flush(self.shard_size)
+
+    def _check_text(self, n: int, text, text_mask, texts) -> None:
+        if not self.manifest.has_text:
+            if text is not None or text_mask is not None or texts is not None:
+                raise ValueError(
+                    "text embeddings need a manifest with a text_encoder (ShardManifest.text_entry)"
+                )
+            return
+        L, E = self.manifest.text_encoder["max_length"], self.manifest.text_encoder["dim"]
+        if text is None or text_mask is None or texts is None:
+            raise ValueError(
+                "text, text_mask and texts must be given: the manifest has a text_encoder"
+            )
+        if tuple(text.shape) != (n, L, E) or tuple(text_mask.shape) != (n, L):
+            raise ValueError(
+                f"text must be ({n}, {L}, {E}) and text_mask ({n}, {L}), got "
+                f"{tuple(text.shape)} and {tuple(text_mask.shape)}"
+            )
+        if text_mask.dtype != torch.bool:
+            raise ValueError(f"text_mask must be bool (True = token), got {text_mask.dtype}")
+        if len(texts) != n or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"texts must be {n} strings")
 
     def _flush(self, count: int) -> None:
         tensors = {k: torch.cat(v) for k, v in self._buf.items() if v}
@@ -242,10 +261,10 @@ class TokenShards(Dataset):
     """A shard directory as a Dataset (all shards loaded into memory).
 
     Item i: ``{"indices": (L,) long, "label": long scalar[, "latents": (L, D) float32][, "text": (T, E)
-    float32, "text_mask": (T,) bool]}`` with L = h * w tokens in raster order and T, E the text encoder's
-    max_length and dim. Whole arrays: ``.indices`` (N, h, w) int32, ``.labels`` (N,), ``.latents``
-    (N, h, w, D) float16 or None, ``.text`` (N, T, E) float16 and ``.text_mask`` (N, T) bool or None,
-    ``.texts`` (N strings) or None.
+    float32, "text_mask": (T,) bool][, "source": (L,) long]}`` with L = h * w tokens in raster order and T, E
+    the text encoder's max_length and dim. Whole arrays: ``.indices`` (N, h, w) int32, ``.labels`` (N,),
+    ``.latents`` (N, h, w, D) float16 or None, ``.text`` (N, T, E) float16 and ``.text_mask`` (N, T) bool or
+    None, ``.texts`` (N strings) or None, ``.source`` (N, h, w) int32 or None.
 
     ``text_encoder`` (a TextEncoder or its fingerprint) is checked against the manifest before anything is
     read: shards embedded by another encoder are refused. ``load_text=False`` skips the embeddings.
@@ -267,7 +286,7 @@ class TokenShards(Dataset):
         if not load_text:
             skip |= {"text", "text_mask"}
         parts: dict[str, list[torch.Tensor]] = {
-            "indices": [], "labels": [], "latents": [], "text": [], "text_mask": [],
+            "indices": [], "labels": [], "latents": [], "text": [], "text_mask": [], "source": [],
         }  # fmt: skip
         texts: list[str] = []
         for shard in self.manifest.shards:
@@ -310,6 +329,13 @@ class TokenShards(Dataset):
                 else torch.zeros(0, L, dtype=torch.bool)
             )
         self.texts = texts if self.manifest.has_text else None
+        self.source = None
+        if self.manifest.edit:
+            self.source = (
+                torch.cat(parts["source"])
+                if parts["source"]
+                else torch.zeros(0, h, w, dtype=torch.int32)
+            )
         if self.manifest.has_text and len(texts) != len(self.indices):
             raise ValueError(
                 f"{self.dir}: {len(texts)} texts stored for {len(self.indices)} samples"
@@ -324,4 +350,6 @@ class TokenShards(Dataset):
             item["latents"] = self.latents[i].reshape(self.manifest.seq_len, -1).float()
         if self.text is not None:
             item["text"], item["text_mask"] = self.text[i].float(), self.text_mask[i]
+        if self.source is not None:
+            item["source"] = self.source[i].reshape(-1).long()
         return item

@@ -86,6 +86,8 @@ class TokenizerRunConfig(Config):
 
 
 def _images(batch):
+    if isinstance(batch, dict):  # an editing triple: the target is the image to generate
+        return batch["target"]
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
@@ -357,13 +359,15 @@ def tokenize_dataset(
     ``latents=True`` also stores the encoder outputs (fp16, code dimension last) for exact-latent SNCE.
     A dataset whose items are ``(image, text, ...)`` (a caption: a str second element) needs ``text_encoder``
     (a :class:`snce.text.TextEncoder`): each text's embeddings and mask are stored beside its tokens, the
-    encoder's spec and fingerprint in the manifest, and the labels are 0.
+    encoder's spec and fingerprint in the manifest, and the labels are 0. Items that are dicts with
+    ``source``, ``instruction`` and ``target`` (editing triples) make editing shards: the target's tokens as
+    ``indices``, the source's as ``source``, the instruction as the text.
     """
     dev = resolve_device(device)
     tokenizer = tokenizer.to(dev).eval()
     first_batch = next(iter(_loader(dataset, 1)))
     first = _images(first_batch)
-    has_text = _texts(first_batch) is not None
+    has_text, edit = _texts(first_batch) is not None, isinstance(first_batch, dict)
     if has_text and text_encoder is None:
         raise ValueError(
             "the dataset's items carry texts (captions): pass a text encoder (snce tokenize "
@@ -386,23 +390,30 @@ def tokenize_dataset(
         class_names=list(getattr(dataset, "class_names", [])),
         dataset=data_config.to_dict() if data_config is not None else {},
         text_encoder=ShardManifest.text_entry(text_encoder) if has_text else None,
+        edit=edit,
     )
     writer = ShardWriter(out_dir, manifest, shard_size=shard_size, overwrite=overwrite)
     for batch in tqdm(_loader(dataset, batch_size), desc="tokenize", disable=not progress):
         images, texts = _images(batch), _texts(batch)
         enc = tokenizer.encode(images.to(dev))
         lat = enc.latents.permute(0, 2, 3, 1) if latents else None  # (B, h, w, D)
+        source = tokenizer.encode(batch["source"].to(dev)).indices if edit else None  # (B, h, w)
         if texts is None:
             writer.add(enc.indices, torch.as_tensor(batch[1]), lat)
         else:
             emb, mask = text_encoder.encode(texts)  # (B, T, E), (B, T)
             labels = torch.zeros(len(texts), dtype=torch.long)
-            writer.add(enc.indices, labels, lat, text=emb, text_mask=mask, texts=texts)
+            writer.add(
+                enc.indices, labels, lat, text=emb, text_mask=mask, texts=texts, source=source
+            )
     return writer.close()
 
 
 def _texts(batch) -> list[str] | None:
-    """The texts of a collated ``(image, text, ...)`` batch, or None when its second element is no text."""
+    """The texts of a collated ``(image, text, ...)`` batch (the instructions of an editing batch), or None
+    when its second element is no text."""
+    if isinstance(batch, dict):
+        return list(batch["instruction"])
     if isinstance(batch, (list, tuple)) and len(batch) > 1:
         second = batch[1]
         if isinstance(second, (list, tuple)) and second and all(isinstance(t, str) for t in second):
