@@ -214,6 +214,10 @@ def add_generator_commands(sub) -> None:
     smp.add_argument("--checkpoint", required=True, help="a run directory or its generator/ directory")
     smp.add_argument("--tokenizer", help="tokenizer directory (default: the one recorded at training time)")
     smp.add_argument("--classes", type=int, nargs="+", help="class ids to sample (default: every class)")
+    smp.add_argument(
+        "--prompt", action="append", default=[],
+        help="text-to-image generators: a prompt (repeatable; --num samples each, one grid row per prompt)",
+    )  # fmt: skip
     smp.add_argument("--num", type=int, help="number of samples (classes repeat to fill it)")
     smp.add_argument(
         "--per-class", type=int, metavar="N",
@@ -245,6 +249,19 @@ def add_generator_commands(sub) -> None:
         help="sampling setting, e.g. --set temperature=0.9 --set top_k=100 --set steps=12",
     )  # fmt: skip
     smp.set_defaults(func=sample_command)
+
+    edit = sub.add_parser("edit", help="edit an image with an instruction (a generator trained on edits)")
+    edit.add_argument("--checkpoint", required=True, help="an editing generator's run directory")
+    edit.add_argument("--image", required=True, help="the source image (any size: centre square, resized)")
+    edit.add_argument("--instruction", required=True, help='e.g. "make the circle green"')
+    edit.add_argument("--out", required=True, help="PNG of the edited image")
+    edit.add_argument("--num", type=int, default=1, help="edits to draw (> 1: a grid beside the source)")
+    edit.add_argument("--cfg", type=float, help="guidance on the instruction (default: the run's)")
+    edit.add_argument("--tokenizer", help="tokenizer directory (default: the one recorded at training time)")
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    edit.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    edit.set_defaults(func=edit_command)
 
 
 def generator_train(args) -> int:
@@ -286,8 +303,14 @@ def sample_command(args) -> int:
         apply_override(data, SampleConfig, *parse_override(item))
     settings = SampleConfig.from_dict(data)
     n_cls = model.config.num_classes
-    if settings.cfg_scale is not None and n_cls == 0:
-        raise ValueError("--cfg needs a class-conditional generator; this one has num_classes=0")
+    text_model = model.config.condition != "class"
+    if settings.cfg_scale is not None and n_cls == 0 and not text_model:
+        raise ValueError("--cfg needs a conditional generator; this one has num_classes=0")
+    if model.config.condition == "edit":
+        raise ValueError("this generator edits images: use snce edit --image IN --instruction TEXT")
+    if (model.config.condition == "text") != bool(args.prompt):
+        need = "needs --prompt TEXT" if text_model else "takes no --prompt (it is not a text model)"
+        raise ValueError(f"this generator {need}")
     if args.out_dir:
         from snce.train.sample_job import sample_to_dir
 
@@ -302,7 +325,12 @@ def sample_command(args) -> int:
             print(result.summary())
         return 0
     classes = None
-    if n_cls > 0:
+    if text_model:
+        from snce.train.generator import text_condition
+
+        per_prompt = args.num or 4
+        classes = text_condition(run, [p for p in args.prompt for _ in range(per_prompt)])
+    elif n_cls > 0:
         base = torch.tensor(args.classes) if args.classes else torch.arange(n_cls)
         model.check_classes(base)
         classes = base.repeat(-(-(args.num or len(base)) // len(base)))[: args.num or len(base)]
@@ -316,11 +344,12 @@ def sample_command(args) -> int:
         generator=gen,
     )  # fmt: skip
     if args.out:
-        save_image_grid(images, args.out, nrow=len(args.classes) if args.classes else None, scale=4)
+        nrow = (args.num or 4) if text_model else len(args.classes) if args.classes else None
+        save_image_grid(images, args.out, nrow=nrow, scale=4)
         print(f"wrote {len(tokens)} samples to {args.out}")
     if args.npz:
         arrays = {"tokens": tokens.numpy().astype(np.int32)}
-        if classes is not None:
+        if classes is not None and not text_model:
             arrays["labels"] = classes.numpy()
         if images is not None:
             pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
@@ -329,6 +358,47 @@ def sample_command(args) -> int:
         np.savez(tmp, **arrays)
         tmp.replace(args.npz)
         print(f"wrote {len(tokens)} samples to {args.npz}")
+    return 0
+
+
+def edit_command(args) -> int:
+    import torch
+    from PIL import Image
+
+    from snce.data.images import load_square, to_channels
+    from snce.train.distributed import resolve_device
+    from snce.train.generator import SampleConfig, load_for_sampling, sample_images, text_condition
+    from snce.train.images import image_grid, save_image_grid
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"--image {args.image} does not exist")
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    device = resolve_device(args.device)
+    model, tokenizer, run = load_for_sampling(args.checkpoint, args.tokenizer, device)
+    if model.config.condition != "edit":
+        raise ValueError(f"{args.checkpoint} is not an editing generator (condition: {model.config.condition})")
+    if tokenizer is None:
+        raise ValueError("the run records no tokenizer to encode the image with (--tokenizer DIR)")
+    size = model.config.grid[0] * tokenizer.config.downsample
+    with Image.open(args.image) as img:
+        source = to_channels(load_square(img, size)[None], tokenizer.config.in_channels)
+    source_tokens = tokenizer.encode(source.to(device)).indices.repeat(args.num, 1, 1)
+    data = dict(run.get("sample", {}))
+    if args.cfg is not None:
+        data["cfg_scale"] = args.cfg
+    condition = text_condition(run, [args.instruction] * args.num, source=source_tokens)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    _, images = sample_images(
+        model, tokenizer, condition, SampleConfig.from_dict(data), generator=gen
+    )
+    if args.num == 1:  # the edited image itself, at the generator's resolution
+        Image.fromarray(image_grid(images, nrow=1, padding=0)).save(args.out)
+    else:
+        save_image_grid(torch.cat([source.cpu(), images]), args.out, nrow=args.num + 1, scale=4)
+    print(f"wrote {'the edit' if args.num == 1 else f'the source and {args.num} edits'} to {args.out}")
     return 0
 
 

@@ -25,7 +25,7 @@ import torch
 
 from snce.config import Config, ConfigError, atomic_write_text
 from snce.data import ShardManifest, TokenShards
-from snce.generators import FAMILIES, PRESETS, GeneratorModel, load_generator, sample
+from snce.generators import FAMILIES, PRESETS, Conditioning, GeneratorModel, load_generator, sample
 from snce.generators.objectives import GeneratorObjective, LossConfig, TokenLoss, validation_loss
 from snce.train.distributed import resolve_device
 from snce.train.loop import Callback, ImageCallback, TrainConfig, Trainer
@@ -125,10 +125,17 @@ class GeneratorRunConfig(Config):
 def build_model(cfg: GeneratorRunConfig, manifest: ShardManifest) -> GeneratorModel:
     """A fresh generator sized by ``cfg.preset`` + ``cfg.model`` for the shards' codebook, grid and classes."""
     config_cls = FAMILIES[cfg.family].config_class
+    text = (
+        manifest.text_encoder
+    )  # text shards: the model is conditioned on text (or edits), not classes
+    condition = {} if text is None else {
+        "condition": "edit" if manifest.edit else "text", "text_dim": text["dim"],
+        "max_text_len": text["max_length"], "num_classes": 0,
+    }  # fmt: skip
     try:
         config = config_cls.preset(
             cfg.preset, vocab_size=manifest.codebook_size, grid=tuple(manifest.grid),
-            num_classes=manifest.num_classes, **cfg.model,
+            **{"num_classes": manifest.num_classes, **condition, **cfg.model},
         )  # fmt: skip
     except (TypeError, ValueError) as e:
         raise ConfigError("model", str(e)) from None
@@ -157,7 +164,7 @@ class ValidationCallback(Callback):
             return
         tokens = self.shards.indices.long()
         with trainer.eval_weights() as model:
-            classes = self.shards.labels if model.config.num_classes > 0 else None
+            classes = shard_condition(model, self.shards)
             latents = self.shards.latents
             row = {"step": step}
             for name, loss in self.losses.items():
@@ -166,6 +173,34 @@ class ValidationCallback(Callback):
                 row[name] = validation_loss(model, tokens, classes, loss, z, seed=self.seed)
         with open(trainer.out_dir / "val.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def shard_condition(model: GeneratorModel, shards: TokenShards, rows=slice(None)):
+    """What ``model`` is conditioned on for the shards' items ``rows``: labels (class models), a
+    :class:`Conditioning` of the items' texts (and source tokens, for edits), or None (unconditional)."""
+    if model.config.condition == "class":
+        return shards.labels[rows] if model.config.num_classes > 0 else None
+    source = shards.source[rows].long() if model.config.condition == "edit" else None
+    text, mask = shards.text[rows].float(), shards.text_mask[rows]
+    return Conditioning(text=text, text_mask=mask, source=source)
+
+
+def text_condition(run: dict, texts: list[str], source: torch.Tensor | None = None) -> Conditioning:
+    """Embed ``texts`` (prompts, or edit instructions with the source images' tokens ``source`` (B, h, w))
+    with the text encoder the generator's shards were made with (``run["text_encoder"]``)."""
+    from snce.text import build_text_encoder
+
+    entry = run.get("text_encoder")
+    if not entry:
+        raise ValueError("this generator was not trained on text (its shards hold no text encoder)")
+    encoder = build_text_encoder(entry["spec"])
+    if encoder.fingerprint() != entry["fingerprint"]:
+        raise ValueError(
+            f"the text encoder {entry['spec']} no longer gives the embeddings the generator was trained "
+            f"on (fingerprint {encoder.fingerprint()[:12]}, trained on {entry['fingerprint'][:12]})"
+        )
+    text, mask = encoder.encode(list(texts))
+    return Conditioning(text=text, text_mask=mask, source=source)
 
 
 def grid_classes(model: GeneratorModel, num_images: int) -> torch.Tensor | None:
@@ -190,16 +225,26 @@ def sample_images(
 ):
     """Sample tokens in batches and decode them: returns (tokens (B, h, w), images (B, C, H, W) in [-1, 1]).
 
-    ``tokenizer`` may be None (then images is None). ``classes`` (B,) for a conditional model, else
-    ``num_samples``. On CUDA the transformer runs under bf16 autocast (logits and sampling stay float32).
+    ``tokenizer`` may be None (then images is None). ``classes``: (B,) labels for a class-conditional model, a
+    :class:`Conditioning` of B rows for a text or editing model, else None and ``num_samples``. On CUDA the transformer runs under bf16 autocast (logits and sampling stay float32).
     """
     device = model.head_weight.device
-    total = num_samples if classes is None else len(classes)
+    if isinstance(classes, Conditioning):
+        total = classes.batch_size
+    else:
+        total = num_samples if classes is None else len(classes)
     kwargs = settings.kwargs(model.config.family)
     tokens, images = [], []
     for start in range(0, total, batch_size):
         n = min(batch_size, total - start)
-        c = None if classes is None else torch.as_tensor(classes[start : start + n], device=device)
+        if isinstance(classes, Conditioning):
+            c = classes.select(slice(start, start + n)).to(device)
+        else:
+            c = (
+                None
+                if classes is None
+                else torch.as_tensor(classes[start : start + n], device=device)
+            )
         with (
             torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         ):
@@ -221,10 +266,10 @@ def train_generator(cfg: GeneratorRunConfig, *, resume: bool = False) -> Generat
     need_latents = cfg.loss.kind == "snce" and cfg.loss.targets == "latents"
     shards = TokenShards(cfg.shards, load_latents=need_latents)
     manifest = shards.manifest
-    if cfg.sample.cfg_scale is not None and manifest.num_classes == 0:
+    if cfg.sample.cfg_scale is not None and manifest.num_classes == 0 and not manifest.has_text:
         raise ConfigError(
             "sample.cfg_scale",
-            "needs class-conditional shards; these hold no classes (set it to null)",
+            "needs class-conditional or text shards; these hold neither (set it to null)",
         )
     tokenizer = load_tokenizer(cfg.tokenizer, manifest) if cfg.tokenizer else None
     codebook = tokenizer.quantizer.codebook.detach().float() if tokenizer is not None else None
@@ -243,7 +288,10 @@ def train_generator(cfg: GeneratorRunConfig, *, resume: bool = False) -> Generat
     callbacks = []
     if tokenizer is not None:
         device = resolve_device(cfg.train.device)
-        classes = grid_classes(model, cfg.sample.num_images)
+        if model.config.condition == "class":
+            classes = grid_classes(model, cfg.sample.num_images)
+        else:  # the texts (and sources) of the first training items
+            classes = shard_condition(model, shards, slice(0, cfg.sample.num_images))
 
         def make_images(m: GeneratorModel) -> torch.Tensor:
             gen = torch.Generator(device=device).manual_seed(
@@ -253,7 +301,9 @@ def train_generator(cfg: GeneratorRunConfig, *, resume: bool = False) -> Generat
             return sample_images(m, tokenizer, classes, cfg.sample, num_samples=n, generator=gen)[1]
 
         nrow = (
-            None if classes is None else max(1, len(classes) // min(model.config.num_classes, 10))
+            max(1, len(classes) // min(model.config.num_classes, 10))
+            if model.config.num_classes > 0
+            else None
         )
         callbacks.append(
             ImageCallback(cfg.train.image_every, make_images, name="samples", nrow=nrow, scale=4)
@@ -284,6 +334,7 @@ def train_generator(cfg: GeneratorRunConfig, *, resume: bool = False) -> Generat
         trained.save_pretrained(out / "generator", overwrite=True)
     run = {
         "tokenizer": str(Path(cfg.tokenizer).resolve()) if cfg.tokenizer else "",
+        "text_encoder": manifest.text_encoder,  # what --prompt / --instruction are embedded with
         "shards": str(Path(cfg.shards).resolve()),
         "sample": cfg.sample.to_dict(),
         **info,
