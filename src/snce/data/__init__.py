@@ -1,4 +1,4 @@
-"""Built-in image datasets, image folders and token shards."""
+"""Built-in image datasets, rendered scenes with captions and edits, image folders and token shards."""
 
 from snce.data.images import (
     DataConfig,
@@ -11,6 +11,7 @@ from snce.data.images import (
     build_dataset,
     photo_files,
 )
+from snce.data.scenes import Scene, SceneCaptions, SceneEdits, SceneObject, Scenes
 from snce.data.shards import ShardManifest, ShardWriter, TokenShards
 
 __all__ = [
@@ -20,6 +21,11 @@ __all__ = [
     "ImageFolder",
     "Mnist",
     "Photos",
+    "Scene",
+    "SceneCaptions",
+    "SceneEdits",
+    "SceneObject",
+    "Scenes",
     "ShardManifest",
     "ShardWriter",
     "Shapes",

@@ -1,6 +1,7 @@
 """Evaluation: FID/KID/IS/precision-recall in Inception or built-in domain feature space, class consistency,
 usage and entropy of generated codes, validation NLL (hard and soft); the ADM evaluator's protocol (FID, sFID,
-IS, precision, recall against a reference batch) in :mod:`snce.metrics.adm`."""
+IS, precision, recall against a reference batch) in :mod:`snce.metrics.adm`; whether text-to-image samples and edits
+of the built-in scenes follow their condition in :mod:`snce.metrics.scenes`."""
 
 from snce.metrics import adm
 from snce.metrics.adm import GaussianStatistics, make_reference, read_npz, write_reference
@@ -29,9 +30,17 @@ from snce.metrics.inception import (
     load_inception,
     resolve_weights_path,
 )
+from snce.metrics.scenes import (
+    AttributeClassifier,
+    attribute_accuracy,
+    attribute_scores,
+    edit_scores,
+    load_or_train_attribute_classifier,
+)
 from snce.metrics.tokens import code_statistics, validation_nll
 
 __all__ = [
+    "AttributeClassifier",
     "DomainClassifier",
     "DomainClassifierConfig",
     "FeatureStatistics",
@@ -40,8 +49,11 @@ __all__ = [
     "InceptionOutputs",
     "InceptionV3",
     "adm",
+    "attribute_accuracy",
+    "attribute_scores",
     "class_consistency",
     "code_statistics",
+    "edit_scores",
     "evaluate_adm",
     "extract",
     "feature_network",
@@ -50,6 +62,7 @@ __all__ = [
     "inception_score",
     "kernel_distance",
     "load_inception",
+    "load_or_train_attribute_classifier",
     "load_or_train_domain_classifier",
     "make_reference",
     "precision_recall",
