@@ -200,6 +200,11 @@ def test_image_dataset_loaders_and_errors():
     first = data.scene(5).objects[0]
     assert x.shape == (3, 32, 32) and data.class_names[label] == f"{first.colour} {first.shape}"
     assert data.text(5) == data.caption(5)
+    # the same scenes with captions, and the editing triples, by name
+    captions = build_dataset(DataConfig(name="scene_captions", size=32, num_samples=64), "val")
+    assert isinstance(captions, SceneCaptions) and torch.equal(captions[5][0], x)
+    edits = build_dataset(DataConfig(name="scene_edits", size=16, num_samples=8, seed=2), "test")
+    assert isinstance(edits, SceneEdits) and edits.split == "test" and edits.seed == 2
 
     images, texts, attributes = next(iter(DataLoader(SceneCaptions(16, 8), batch_size=4)))
     assert images.shape == (4, 3, 16, 16) and len(texts) == 4 and attributes.shape == (4, 8)

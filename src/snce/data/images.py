@@ -12,8 +12,9 @@ arguments (sample ``i`` never depends on which other samples were read).
 - :class:`Shapes`: procedural images: class = shape x colour, random position, scale and background.
 - :class:`ImageFolder`: ``root/<class>/*.png`` (class per subfolder) or ``root/*.png`` (one class).
 - :class:`snce.data.scenes.Scenes` (``name: scenes``): rendered scenes of 1-2 objects with known attributes,
-  labelled by the first object's colour and shape; their captions and editing triples are in
-  :mod:`snce.data.scenes`.
+  labelled by the first object's colour and shape. The same scenes with their captions, ``(image, caption,
+  attributes)``, are ``name: scene_captions``; editing triples, ``dict(source, instruction, target, ...)``,
+  are ``name: scene_edits`` (see :mod:`snce.data.scenes`).
 
 Splits: ``"train"`` / ``"val"`` / ``"test"`` / ``"all"``, disjoint (``"all"`` is their union). Digits and
 folders hold out every ``TEST_EVERY``-th item for test and the item before it for val; MNIST holds out 2 of
@@ -49,12 +50,14 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 class DataConfig(Config):
     """Which images to train on (the ``data:`` section of a run config)."""
 
-    name: Literal["digits", "mnist", "photos", "shapes", "scenes", "folder"] = "digits"
+    name: Literal[
+        "digits", "mnist", "photos", "shapes", "scenes", "scene_captions", "scene_edits", "folder"
+    ] = "digits"
     path: str | None = None  # an image folder; setting it selects the folder dataset
     size: int = 16  # output resolution (square), pixels
     channels: int | None = None  # 1 or 3; null = the dataset's own (digits 1, others 3)
-    num_samples: int = 4096  # photos / shapes / scenes: samples per split
-    seed: int = 0  # photos / shapes / scenes: the random stream
+    num_samples: int = 4096  # photos / shapes / scene*: samples per split
+    seed: int = 0  # photos / shapes / scene*: the random stream
 
     @property
     def kind(self) -> str:
@@ -93,10 +96,12 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
         return Photos(cfg.size, cfg.num_samples, seed=cfg.seed, split=split, channels=channels)
     if kind == "shapes":
         return Shapes(cfg.size, cfg.num_samples, seed=cfg.seed, split=split, channels=channels)
-    if kind == "scenes":
-        from snce.data.scenes import Scenes
+    if kind in ("scenes", "scene_captions", "scene_edits"):
+        from snce.data import scenes
 
-        return Scenes(cfg.size, cfg.num_samples, seed=cfg.seed, split=split, channels=channels)
+        cls = {"scenes": scenes.Scenes, "scene_captions": scenes.SceneCaptions}.get(kind)
+        cls = cls or scenes.SceneEdits
+        return cls(cfg.size, cfg.num_samples, seed=cfg.seed, split=split, channels=channels)
     return ImageFolder(cfg.path, cfg.size, split=split, channels=channels)
 
 
