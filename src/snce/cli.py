@@ -447,8 +447,19 @@ def add_study_commands(sub) -> None:
 
 
 def study_command(args) -> int:
+    import yaml
+
     from snce.study import load_study_config, run_study
 
+    if Path(args.config).is_file() and "task" in (yaml.safe_load(Path(args.config).read_text()) or {}):
+        from snce.config import load_config
+        from snce.study.scenes import SceneStudyConfig, run_scene_study
+
+        cfg = load_config(SceneStudyConfig, args.config, args.overrides)
+        run_scene_study(cfg)
+        out = Path(cfg.out_dir)
+        print(f"report: {out / 'report.md'}; numbers: {out / 'results.json'}; figures: {out / 'plots'}")
+        return 0
     cfg = load_study_config(args.config, args.overrides, quick=args.quick)
     results = run_study(cfg)
     if results is not None:  # rank 0
