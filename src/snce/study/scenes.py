@@ -47,6 +47,7 @@ class SceneStudyConfig(Config):
     train_samples: int = 8192
     test_samples: int = 500
     text_encoder: dict = field(default_factory=lambda: {"kind": "builtin"})
+    tokenizer_from: str = ""  # an existing scenes tokenizer directory to reuse instead of training one
     tokenizer: dict = field(default_factory=dict)
     generator: dict = field(default_factory=dict)
     loss: dict = field(
@@ -69,8 +70,10 @@ def run_scene_study(cfg: SceneStudyConfig) -> dict:
 
     out = Path(cfg.out_dir)
     data = {"name": "scenes", "size": cfg.size, "num_samples": cfg.train_samples}
-    tok_dir = out / "tokenizer"
+    tok_dir = Path(cfg.tokenizer_from).parent if cfg.tokenizer_from else out / "tokenizer"
     if not (tok_dir / "tokenizer" / "model.safetensors").is_file():
+        if cfg.tokenizer_from:
+            raise FileNotFoundError(f"tokenizer_from: {cfg.tokenizer_from} holds no tokenizer")
         tok_cfg = TokenizerRunConfig.from_dict({
             "data": data, **cfg.tokenizer,
             "train": {**cfg.tokenizer.get("train", {}), "out_dir": str(tok_dir), "device": cfg.device},
