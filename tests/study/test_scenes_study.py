@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from snce.cli import main
-from snce.config import ConfigError
+from snce.config import ConfigError, load_config
 from snce.study.scenes import SceneStudyConfig
 
 
@@ -21,6 +21,13 @@ from snce.study.scenes import SceneStudyConfig
 def test_bad_scene_study_configs_stop_naming_the_key(changes, key):
     with pytest.raises(ConfigError, match=key):
         SceneStudyConfig.from_dict(changes).check()
+
+
+@pytest.mark.parametrize("name", ["scenes_t2i", "scenes_edit"])
+def test_shipped_scene_study_configs_load(name):
+    cfg = load_config(SceneStudyConfig, f"configs/study/{name}.yaml")
+    cfg.check()
+    assert cfg.task == name.removeprefix("scenes_") and cfg.arms[0] == "ce" and len(cfg.seeds) >= 3
 
 
 @pytest.mark.slow
