@@ -16,7 +16,9 @@ untimed steps (the first allocates AdamW's state), then ``--steps`` timed steps.
 all timed steps of all processes (and the best), train tokens/s = batch x grid^2 / median step, peak step memory =
 peak RSS during the timed steps (VmHWM after ``/proc/self/clear_refs``) minus the RSS just before them (model,
 AdamW state and batch already exist; the step's gradients, activations, logits and loss buffers count), and the
-process's whole peak RSS.
+process's whole peak RSS. "other load": the CPU cores other processes kept busy on average while the loss's
+processes ran (machine CPU time from /proc/stat minus the worker's own; the most of its processes), so a shared
+machine shows in the table.
 
     python benchmarks/bench_generator_train.py                         # K in {16384, 65536, 262144}
     python benchmarks/bench_generator_train.py --k 65536 --reps 3 --losses ce-unfused snce
@@ -126,11 +128,30 @@ def run_worker(a, k: int, loss_name: str) -> dict:
     for name in ("family", "dim", "layers", "heads", "grid", "batch", "classes", "code_dim", "tau",
                  "budget_mb", "steps", "warmup", "threads"):  # fmt: skip
         cmd += [f"--{name.replace('_', '-')}", str(getattr(a, name))]
+    return run_json(cmd)
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds spent by the whole machine so far (all processes; Linux /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def run_json(cmd: list[str]) -> dict:
+    """Run a worker; the JSON of its last stdout line plus ``others``: the CPU cores that other processes kept
+    busy on average while it ran (machine CPU time minus the worker's, over the wall time)."""
+    busy0, own0, t0 = busy_cpu_s(), os.times(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    busy1, own1, wall = busy_cpu_s(), os.times(), time.perf_counter() - t0
     if proc.returncode:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
         return {"error": f"exit {proc.returncode}: {tail[0]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    child = own1.children_user + own1.children_system - own0.children_user - own0.children_system
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["others"] = max(0.0, (busy1 - busy0) - child) / wall
+    return out
 
 
 def machine() -> str:
@@ -199,9 +220,9 @@ def main() -> None:
     )
     print(
         "| K | loss | median step s | best step s | train tokens/s | speed vs ce-unfused | "
-        "peak step MiB | memory vs ce-unfused | process peak RSS MiB |"
+        "peak step MiB | memory vs ce-unfused | process peak RSS MiB | other load |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for k in a.k:
         runs = {name: [] for name in a.losses}
         for _ in range(a.reps):
@@ -219,18 +240,19 @@ def main() -> None:
                 "best": min(times),
                 "step_mib": max(r["step_peak_mib"] for r in ok),
                 "proc_mib": max(r["process_peak_mib"] for r in ok),
+                "others": max(r["others"] for r in ok),
             }
         base = res.get("ce-unfused", {})
         for name in a.losses:
             r = res[name]
             if "error" in r:
-                print(f"| {k:,} | {name} | {r['error']} | | | | | | |", flush=True)
+                print(f"| {k:,} | {name} | {r['error']} | | | | | | | |", flush=True)
                 continue
             speed = f"{base['median'] / r['median']:.2f}x" if "median" in base else "-"
             mem = f"{r['step_mib'] / base['step_mib']:.1%}" if "step_mib" in base else "-"
             print(
                 f"| {k:,} | {name} | {r['median']:.2f} | {r['best']:.2f} | {tokens / r['median']:,.0f} | "
-                f"{speed} | {r['step_mib']:,.0f} | {mem} | {r['proc_mib']:,.0f} |",
+                f"{speed} | {r['step_mib']:,.0f} | {mem} | {r['proc_mib']:,.0f} | {r['others']:.2f} |",
                 flush=True,
             )
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")

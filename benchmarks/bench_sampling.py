@@ -13,7 +13,8 @@ Each (K, sampler) runs in its own fresh process (``--reps`` processes, round-rob
 on one image, then the timed call on the batch. tokens/s = batch x grid^2 / seconds. Peak memory: peak RSS during
 the timed call above the RSS before it. For "ar no-cache" the script also reports the fraction of its tokens equal
 to the cached run's (same seed, so the same uniforms: it differs only where float rounding of the two
-computations moves a draw across a CDF boundary, and then the rest of that image differs).
+computations moves a draw across a CDF boundary, and then the rest of that image differs). "other load": CPU cores
+kept busy by other processes on average while the sampler's processes ran (see bench_generator_train.py).
 
     python benchmarks/bench_sampling.py                      # K in {16384, 262144}, 8 images of 16x16 tokens
     python benchmarks/bench_sampling.py --k 16384 --cfg 2.0 --steps 8 16 32
@@ -25,11 +26,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
-from bench_generator_train import machine
+from bench_generator_train import machine, run_json
 from measure import reset_peak_rss, rss_mib
 
 
@@ -78,11 +78,7 @@ def run_worker(a, k: int, name: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--k", str(k)]
     for opt in ("dim", "layers", "heads", "grid", "batch", "classes", "cfg", "threads"):
         cmd += [f"--{opt}", str(getattr(a, opt))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
-        return {"error": f"exit {proc.returncode}: {tail[0]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json(cmd)
 
 
 def main() -> None:
@@ -122,9 +118,9 @@ def main() -> None:
     )
     print(
         "| K | sampler | transformer passes | seconds | images/s | tokens/s | speed vs ar no-cache | "
-        "peak MiB | tokens equal to kv-cache run |"
+        "peak MiB | tokens equal to kv-cache run | other load |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for k in a.k:
         runs = {name: [] for name in names}
         for _ in range(a.reps):
@@ -138,6 +134,7 @@ def main() -> None:
                     "seconds": statistics.median(r["seconds"] for r in ok),
                     "peak": max(r["peak_mib"] for r in ok),
                     "tokens": ok[0]["tokens"],
+                    "others": max(r["others"] for r in ok),
                 }
                 if ok
                 else rs[0]
@@ -147,7 +144,7 @@ def main() -> None:
         for name in names:
             r = res[name]
             if "error" in r:
-                print(f"| {k:,} | {name} | {r['error']} | | | | | | |", flush=True)
+                print(f"| {k:,} | {name} | {r['error']} | | | | | | | |", flush=True)
                 continue
             passes = a.grid**2 if name.startswith("ar") else int(name.split()[1])
             speed = f"{base['seconds'] / r['seconds']:.1f}x" if "seconds" in base else "-"
@@ -157,7 +154,7 @@ def main() -> None:
                 equal = f"{same / len(ref):.1%}"
             print(
                 f"| {k:,} | {name} | {passes} | {r['seconds']:.2f} | {a.batch / r['seconds']:.2f} | "
-                f"{n_tok / r['seconds']:,.0f} | {speed} | {r['peak']:,.0f} | {equal} |",
+                f"{n_tok / r['seconds']:,.0f} | {speed} | {r['peak']:,.0f} | {equal} | {r['others']:.2f} |",
                 flush=True,
             )
     print(f"\nload average at end {os.getloadavg()[0]:.2f}")
