@@ -10,7 +10,8 @@ weights ~ N(0, 0.02^2), so the draws are not degenerate), fp32, through ``snce.g
                    and the draw at the still-masked ones (no cache: every pass sees different inputs)
 
 Each (K, sampler) runs in its own fresh process (``--reps`` processes, round-robin over the samplers): a warm-up
-on one image, then the timed call on the batch. tokens/s = batch x grid^2 / seconds. Peak memory: peak RSS during
+on one image, then the timed call on the batch. tokens/s = batch x grid^2 / seconds; head rows per image: tokens drawn (the head and the draw run at each), counted
+around the samplers' per-step draw. Peak memory: peak RSS during
 the timed call above the RSS before it. For "ar no-cache" the script also reports the fraction of its tokens equal
 to the cached run's (same seed, so the same uniforms: it differs only where float rounding of the two
 computations moves a draw across a CDF boundary, and then the rest of that image differs). "other load": CPU cores
@@ -40,7 +41,7 @@ def sampler_names(a) -> list[str]:
 def worker(a) -> dict:
     import torch
 
-    from snce.generators import build_generator, sample
+    from snce.generators import build_generator, sample, sampling
 
     torch.set_num_threads(a.threads)
     name, k = a.worker, a.k[0]
@@ -58,7 +59,18 @@ def worker(a) -> dict:
     else:
         kw["use_cache"] = name == "ar kv-cache"
 
+    drawn = [0]  # tokens drawn (head rows per branch), counted around the samplers' per-step draw
+    inner = sampling._draw
+
+    def counting_draw(model, hidden, cfg_scale, **opts):
+        tokens, logp = inner(model, hidden, cfg_scale, **opts)
+        drawn[0] += tokens.numel()
+        return tokens, logp
+
+    sampling._draw = counting_draw
+
     def run(c):
+        drawn[0] = 0
         return sample(model, c, generator=torch.Generator().manual_seed(0), **kw)
 
     run(classes[:1])  # warm-up
@@ -70,6 +82,7 @@ def worker(a) -> dict:
     return {
         "seconds": secs,
         "peak_mib": max(0.0, rss_mib("VmHWM") - before),
+        "head_rows": drawn[0] / a.batch,
         "tokens": tokens.flatten().tolist(),
     }
 
@@ -117,10 +130,10 @@ def main() -> None:
         f"{a.reps} fresh process(es) per sampler, round-robin; load average at start {os.getloadavg()[0]:.2f}\n"
     )
     print(
-        "| K | sampler | transformer passes | seconds | images/s | tokens/s | speed vs ar no-cache | "
+        "| K | sampler | transformer passes | head rows per image | seconds | images/s | tokens/s | speed vs ar no-cache | "
         "peak MiB | tokens equal to kv-cache run | other load |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for k in a.k:
         runs = {name: [] for name in names}
         for _ in range(a.reps):
@@ -135,6 +148,7 @@ def main() -> None:
                     "peak": max(r["peak_mib"] for r in ok),
                     "tokens": ok[0]["tokens"],
                     "others": max(r["others"] for r in ok),
+                    "head_rows": ok[0]["head_rows"],
                 }
                 if ok
                 else rs[0]
@@ -144,7 +158,7 @@ def main() -> None:
         for name in names:
             r = res[name]
             if "error" in r:
-                print(f"| {k:,} | {name} | {r['error']} | | | | | | | |", flush=True)
+                print(f"| {k:,} | {name} | {r['error']} | | | | | | | | |", flush=True)
                 continue
             passes = a.grid**2 if name.startswith("ar") else int(name.split()[1])
             speed = f"{base['seconds'] / r['seconds']:.1f}x" if "seconds" in base else "-"
@@ -153,7 +167,7 @@ def main() -> None:
                 same = sum(x == y for x, y in zip(r["tokens"], ref, strict=True))
                 equal = f"{same / len(ref):.1%}"
             print(
-                f"| {k:,} | {name} | {passes} | {r['seconds']:.2f} | {a.batch / r['seconds']:.2f} | "
+                f"| {k:,} | {name} | {passes} | {r['head_rows']:,.0f} | {r['seconds']:.2f} | {a.batch / r['seconds']:.2f} | "
                 f"{n_tok / r['seconds']:,.0f} | {speed} | {r['peak']:,.0f} | {equal} | {r['others']:.2f} |",
                 flush=True,
             )
