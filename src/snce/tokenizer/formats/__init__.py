@@ -233,6 +233,31 @@ def export_state(tokenizer: Tokenizer, format: str) -> dict[str, torch.Tensor]:
     }
 
 
+def encoder_levels(state: dict[str, torch.Tensor], blocks: str) -> dict:
+    """``in_channels``, ``channels``, ``channel_mult`` and ``num_res_blocks`` of an encoder stored as
+    ``encoder.conv_in`` + ``encoder.down.{level}.{blocks}.{j}`` (``blocks``: "block" in taming's and
+    Open-MAGVIT2's layouts, "res_blocks" in MaskGIT's), read from the weights' shapes."""
+    conv_in = state["encoder.conv_in.weight"]  # (channels, in_channels, 3, 3)
+    channels = conv_in.shape[0]
+    levels = count_indices(state, r"encoder\.down\.(\d+)\.")
+    first = f"encoder.down.{{}}.{blocks}.0.conv1.weight"
+    widths = [state[first.format(i)].shape[0] for i in range(levels)]
+    if any(w % channels for w in widths):
+        raise KeyError(f"{first.format('*')} (widths {widths} not multiples of {channels})")
+    return {
+        "in_channels": conv_in.shape[1],
+        "channels": channels,
+        "channel_mult": tuple(w // channels for w in widths),
+        "num_res_blocks": count_indices(state, rf"encoder\.down\.0\.{blocks}\.(\d+)\."),
+    }
+
+
+def count_indices(state: dict, pattern: str) -> int:
+    """1 + the largest index the pattern's group takes over the keys (0 if none matches)."""
+    found = [int(m.group(1)) for k in state if (m := re.match(pattern, k))]
+    return 1 + max(found) if found else 0
+
+
 def _is_weight(snce_key: str) -> bool:
     """Keys a published checkpoint holds; snce's own bookkeeping buffers are not among them."""
     return not snce_key.endswith(("initialized", "cluster_size", "embed_avg"))

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from snce.tokenizer.formats import CheckpointKeyError, Format, register
-from snce.tokenizer.formats.taming import count_indices
+from snce.tokenizer.formats import CheckpointKeyError, Format, encoder_levels, register
 from snce.tokenizer.model import TokenizerConfig
 
 CODEBOOK = ("quantize.embedding.weight", "quantizer.embed")  # (MaskBit name, snce name)
@@ -35,20 +34,9 @@ def _config(state: dict[str, torch.Tensor]) -> TokenizerConfig:
             "decoder.up.0.upsample_conv.weight is present: this is MaskBit's non-legacy decoder layout "
             "(ConvVQModel(legacy=False), up.0 = the coarsest level), not MaskGIT's legacy layout"
         )
-    conv_in = state["encoder.conv_in.weight"]  # (channels, in_channels, 3, 3)
-    channels = conv_in.shape[0]
-    levels = count_indices(state, r"encoder\.down\.(\d+)\.")
-    widths = [state[f"encoder.down.{i}.res_blocks.0.conv1.weight"].shape[0] for i in range(levels)]
-    if any(w % channels for w in widths):
-        raise KeyError(
-            f"encoder.down.*.res_blocks.0.conv1.weight (widths {widths} not multiples of {channels})"
-        )
     codebook_size, _ = state[CODEBOOK[0]].shape
     return TokenizerConfig(
-        in_channels=conv_in.shape[1],
-        channels=channels,
-        channel_mult=tuple(w // channels for w in widths),
-        num_res_blocks=count_indices(state, r"encoder\.down\.0\.res_blocks\.(\d+)\."),
+        **encoder_levels(state, "res_blocks"),
         latent_channels=state["encoder.conv_out.weight"].shape[0],
         quantizer={"kind": "vq", "codebook_size": codebook_size, "metric": "l2"},
         architecture="maskgit",

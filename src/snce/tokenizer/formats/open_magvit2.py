@@ -20,26 +20,14 @@ from __future__ import annotations
 
 import torch
 
-from snce.tokenizer.formats import Format, register
+from snce.tokenizer.formats import Format, encoder_levels, register
 from snce.tokenizer.formats.ibq import EMA_PREFIX, ema_weights
-from snce.tokenizer.formats.taming import count_indices
 from snce.tokenizer.model import TokenizerConfig
 
 
 def _config(state: dict[str, torch.Tensor]) -> TokenizerConfig:
-    conv_in = state["encoder.conv_in.weight"]  # (channels, in_channels, 3, 3)
-    channels = conv_in.shape[0]
-    levels = count_indices(state, r"encoder\.down\.(\d+)\.")
-    widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
-    if any(w % channels for w in widths):
-        raise KeyError(
-            f"encoder.down.*.block.0.conv1.weight (widths {widths} not multiples of {channels})"
-        )
     return TokenizerConfig(
-        in_channels=conv_in.shape[1],
-        channels=channels,
-        channel_mult=tuple(w // channels for w in widths),
-        num_res_blocks=count_indices(state, r"encoder\.down\.0\.block\.(\d+)\."),
+        **encoder_levels(state, "block"),
         latent_channels=state["encoder.conv_out.weight"].shape[0],
         quantizer={"kind": "lfq"},
         architecture="open-magvit2",

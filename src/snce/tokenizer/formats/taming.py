@@ -9,11 +9,9 @@ encoder and decoder) and the codebook is renamed. LlamaGen, IBQ and VQGAN-LC reu
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-from snce.tokenizer.formats import Format, register
+from snce.tokenizer.formats import Format, encoder_levels, register
 from snce.tokenizer.model import TokenizerConfig
 
 # taming name <-> snce name, outside the encoder and decoder bodies (which keep taming's names)
@@ -39,33 +37,20 @@ def move_from_snce(key: str) -> str:
 
 def taming_config(state: dict[str, torch.Tensor], quantizer: dict) -> TokenizerConfig:
     """The architecture of a state dict in taming's names (encoder side; the decoder must mirror it)."""
-    conv_in = state["encoder.conv_in.weight"]  # (ch, in_channels, 3, 3)
-    channels = conv_in.shape[0]
-    levels = count_indices(state, r"encoder\.down\.(\d+)\.")
-    blocks = count_indices(state, r"encoder\.down\.0\.block\.(\d+)\.")
-    widths = [state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
-    if any(w % channels for w in widths):
-        raise KeyError(
-            f"encoder.down.*.block.0.conv1.weight (widths {widths} not multiples of {channels})"
-        )
+    levels = encoder_levels(state, "block")
     return TokenizerConfig(
-        in_channels=conv_in.shape[1],
-        channels=channels,
-        channel_mult=tuple(w // channels for w in widths),
-        num_res_blocks=blocks,
+        **levels,
         mid_attention="encoder.mid.attn_1.q.weight" in state,
         latent_channels=state["quant_conv.weight"].shape[0],
         quantizer=quantizer,
         architecture="taming",
         z_channels=state["encoder.conv_out.weight"].shape[0],
-        attn_levels=tuple(i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in state),
+        attn_levels=tuple(
+            i
+            for i in range(len(levels["channel_mult"]))
+            if f"encoder.down.{i}.attn.0.q.weight" in state
+        ),
     )
-
-
-def count_indices(state: dict, pattern: str) -> int:
-    """1 + the largest index the pattern's group takes over the keys (0 if none matches)."""
-    found = [int(m.group(1)) for k in state if (m := re.match(pattern, k))]
-    return 1 + max(found) if found else 0
 
 
 def _config(state: dict) -> TokenizerConfig:
