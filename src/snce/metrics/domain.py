@@ -191,37 +191,48 @@ def load_or_train_domain_classifier(
     The file is written atomically (temporary file, then ``os.replace``); its metadata holds the config and
     the held-out accuracy, which is returned with the model.
     """
-    from safetensors.torch import save_file
+    key = f"domain-{dataset}-seed{seed}-{data_fingerprint(images, labels)}{options_suffix(train_kwargs)}"
+    return cached_model(
+        Path(cache_dir) / f"{key}.safetensors",
+        lambda config: DomainClassifier(DomainClassifierConfig(**config)),
+        lambda: train_domain_classifier(
+            images, labels, seed=seed, progress=progress, **train_kwargs
+        ),
+        info_key="heldout_accuracy",
+        what="the domain classifier",
+    )
 
-    key = f"domain-{dataset}-seed{seed}-{data_fingerprint(images, labels)}"
-    if train_kwargs:
-        key += (
-            "-" + hashlib.sha256(json.dumps(train_kwargs, sort_keys=True).encode()).hexdigest()[:8]
-        )
-    path = Path(cache_dir) / f"{key}.safetensors"
+
+def options_suffix(options: dict) -> str:
+    """A cache-key suffix for training options: empty without options, else "-" and 8 hex digits of their
+    hash, so models trained with other options are cached apart."""
+    if not options:
+        return ""
+    return "-" + hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def cached_model(path: Path, build, train, *, info_key: str, what: str):
+    """A small model with ``.config`` (a dataclass) cached in one safetensors file, and what its training
+    reported: ``(model, info)``. Read from ``path`` when it holds an intact copy (``build(config dict)``
+    makes the module), else ``train() -> (model, info)`` and written atomically, the config and ``info``
+    (JSON) in the file's metadata under "config" and ``info_key``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
     if path.is_file():
         try:
-            return _load_cached(path)
+            with verified(path):
+                with safe_open(str(path), "pt") as f:
+                    meta = f.metadata()
+                model = build(json.loads(meta["config"]))
+                model.load_state_dict(load_file(str(path)))
+            return model.eval().requires_grad_(False), json.loads(meta[info_key])
         except DamagedFileError as e:
-            warnings.warn(f"{e}; training the domain classifier again", stacklevel=2)
-    model, acc = train_domain_classifier(
-        images, labels, seed=seed, progress=progress, **train_kwargs
-    )
+            warnings.warn(f"{e}; training {what} again", stacklevel=3)
+    model, info = train()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    meta = {"config": json.dumps(asdict(model.config)), "heldout_accuracy": repr(acc)}
+    meta = {"config": json.dumps(asdict(model.config)), info_key: json.dumps(info)}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
     os.replace(tmp, path)
-    return model, acc
-
-
-def _load_cached(path: Path) -> tuple[DomainClassifier, float]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with verified(path):
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        model = DomainClassifier(DomainClassifierConfig(**json.loads(meta["config"])))
-        model.load_state_dict(load_file(str(path)))
-    return model.eval().requires_grad_(False), float(meta["heldout_accuracy"])
+    return model, info

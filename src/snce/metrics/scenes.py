@@ -48,11 +48,9 @@ The no-edit baseline keeps every attribute except, for a move, the moved object'
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +75,7 @@ from snce.data.scenes import (
     render,
     to_tensor,
 )
-from snce.files import DamagedFileError, verified
+from snce.metrics.domain import cached_model, options_suffix
 
 CELLS = GRID * GRID
 EMPTY = -1  # the shape read in a cell without an object (colour and size are then -1 too)
@@ -257,44 +255,18 @@ def load_or_train_attribute_classifier(
     """:func:`train_attribute_classifier`, cached as ``{cache_dir}/scenes-attributes-{size}px-seed{seed}-...
     .safetensors`` (default ``cache_dir``: ``$SNCE_CACHE`` or ``~/.cache/snce``). Written atomically; the
     metadata holds the config and the report, returned with the model."""
-    from safetensors.torch import save_file
-
     if cache_dir is None:
         from snce.metrics.samples import DEFAULT_CACHE
 
         cache_dir = DEFAULT_CACHE
     key = f"scenes-attributes-{size}px-seed{seed}-r{RENDER_VERSION}-{_renderer_fingerprint(size, seed)}"
-    if train_kwargs:
-        options = json.dumps(train_kwargs, sort_keys=True).encode()
-        key += "-" + hashlib.sha256(options).hexdigest()[:8]
-    path = Path(cache_dir) / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            return _load_cached(path)
-        except DamagedFileError as e:
-            warnings.warn(f"{e}; training the attribute classifier again", stacklevel=2)
-    model, report = train_attribute_classifier(
-        size=size, seed=seed, progress=progress, **train_kwargs
+    return cached_model(
+        Path(cache_dir) / f"{key}{options_suffix(train_kwargs)}.safetensors",
+        lambda config: AttributeClassifier(AttributeClassifierConfig(**config)),
+        lambda: train_attribute_classifier(size=size, seed=seed, progress=progress, **train_kwargs),
+        info_key="report",
+        what="the attribute classifier",
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    meta = {"config": json.dumps(asdict(model.config)), "report": json.dumps(report)}
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return model, report
-
-
-def _load_cached(path: Path) -> tuple[AttributeClassifier, dict]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with verified(path):
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        model = AttributeClassifier(AttributeClassifierConfig(**json.loads(meta["config"])))
-        model.load_state_dict(load_file(str(path)))
-        report = json.loads(meta["report"])
-    return model.eval().requires_grad_(False), report
 
 
 Conditions = Sequence[Scene] | Sequence[str] | torch.Tensor
