@@ -405,7 +405,37 @@ def _wanted(split: str, i: int) -> bool | None:
     return None
 
 
-class Scenes(Dataset):
+class _SceneSamples(Dataset):
+    """What the scene datasets share: the checks, the split's random streams (sample i of a split draws from
+    ``default_rng([seed, stream + i])``) and rendering."""
+
+    stream_offset = 0  # keeps a dataset's streams apart from the other scene datasets'
+
+    def __init__(self, size, num_samples, *, seed, split, channels, max_objects):
+        if size < GRID * 2:
+            raise ValueError(f"size must be >= {GRID * 2} pixels, got {size}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not 1 <= max_objects <= len(POSITIONS):
+            raise ValueError(f"max_objects must be in [1, {len(POSITIONS)}], got {max_objects}")
+        self.split = _check_split(split)
+        self.size, self.num_samples, self.seed = size, num_samples, seed
+        self.channels, self.max_objects = channels, max_objects
+        self.stream = STREAMS.get(split, 0) + self.stream_offset
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _rng(self, i: int) -> np.random.Generator:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(i)
+        return np.random.default_rng([self.seed, self.stream + i])
+
+    def _image(self, scene: Scene) -> torch.Tensor:
+        return to_channels(to_tensor(render(scene, self.size)), self.channels)
+
+
+class Scenes(_SceneSamples):
     """Rendered scenes as an image dataset: ``(image, label)``, label = the first object's class
     ``shape * 4 + colour`` (12 classes, named like "red circle"). ``scene(i)``, ``caption(i)`` (also as
     ``text(i)``) and ``held_out(i)`` give the ground truth of sample i. See the module docstring for splits."""
@@ -420,26 +450,11 @@ class Scenes(Dataset):
         channels: int = 3,
         max_objects: int = MAX_OBJECTS,
     ):
-        if size < GRID * 2:
-            raise ValueError(f"size must be >= {GRID * 2} pixels, got {size}")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if not 1 <= max_objects <= len(POSITIONS):
-            raise ValueError(f"max_objects must be in [1, {len(POSITIONS)}], got {max_objects}")
-        self.split = _check_split(split)
-        self.size, self.num_samples, self.seed = size, num_samples, seed
-        self.channels, self.max_objects = channels, max_objects
-        self.stream = STREAMS.get(split, 0)
+        super().__init__(
+            size, num_samples, seed=seed, split=split, channels=channels, max_objects=max_objects
+        )
         self.class_names = [f"{c} {s}" for s in SHAPES for c in COLOURS]
         self.num_classes = len(self.class_names)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def _rng(self, i: int) -> np.random.Generator:
-        if not 0 <= i < self.num_samples:
-            raise IndexError(i)
-        return np.random.default_rng([self.seed, self.stream + i])
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (datasets live as long as their users)
     def scene(self, i: int) -> Scene:
@@ -460,7 +475,7 @@ class Scenes(Dataset):
         return self.scene(i).held_out
 
     def image(self, i: int) -> torch.Tensor:
-        return to_channels(to_tensor(render(self.scene(i), self.size)), self.channels)
+        return self._image(self.scene(i))
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         first = self.scene(i).objects[0]
@@ -476,7 +491,7 @@ class SceneCaptions(Scenes):
         return self.image(i), caption(s), s.attributes(self.max_objects)
 
 
-class SceneEdits(Dataset):
+class SceneEdits(_SceneSamples):
     """Editing triples: ``dict(source, instruction, target, edit, source_attributes, target_attributes)``.
 
     Sample i draws a source scene, then one of :func:`possible_edits` uniformly, from its own random stream
@@ -484,6 +499,8 @@ class SceneEdits(Dataset):
     ``edit`` is ``dict(kind, object, attribute, value)``: kind "reshape" | "recolour" | "resize" | "move",
     object the edited object's index (its slot in the attributes), value the new value's name.
     """
+
+    stream_offset = 500_009  # apart from the captioned scenes' streams
 
     def __init__(
         self,
@@ -501,23 +518,15 @@ class SceneEdits(Dataset):
             raise ValueError(
                 f"attributes must be a non-empty subset of {ATTRIBUTES}, got {attributes}"
             )
-        # the same checks as Scenes
-        Scenes(size, num_samples, channels=channels, max_objects=max_objects)
-        self.split = _check_split(split)
-        self.stream = STREAMS.get(split, 0) + 500_009  # apart from the captioned scenes' streams
-        self.size, self.num_samples, self.seed = size, num_samples, seed
-        self.channels, self.max_objects = channels, max_objects
+        super().__init__(
+            size, num_samples, seed=seed, split=split, channels=channels, max_objects=max_objects
+        )
         self.edit_attributes = tuple(attributes)
-
-    def __len__(self) -> int:
-        return self.num_samples
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019
     def triple(self, i: int) -> tuple[Scene, Edit, Scene]:
         """(source scene, edit, target scene) of sample i."""
-        if not 0 <= i < self.num_samples:
-            raise IndexError(i)
-        rng, wanted = np.random.default_rng([self.seed, self.stream + i]), _wanted(self.split, i)
+        rng, wanted = self._rng(i), _wanted(self.split, i)
         for _ in range(MAX_TRIES):
             source = random_scene(rng, self.max_objects)
             edits = [e for e in possible_edits(source) if e.attribute in self.edit_attributes]
@@ -539,11 +548,10 @@ class SceneEdits(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         source, edit, target = self.triple(i)
-        image = lambda s: to_channels(to_tensor(render(s, self.size)), self.channels)  # noqa: E731
         return {
-            "source": image(source),
+            "source": self._image(source),
             "instruction": instruction(source, edit),
-            "target": image(target),
+            "target": self._image(target),
             "edit": edit.to_dict(),
             "source_attributes": source.attributes(self.max_objects),
             "target_attributes": target.attributes(self.max_objects),
