@@ -11,6 +11,8 @@ arguments (sample ``i`` never depends on which other samples were read).
   photographs shipped inside scikit-image, scikit-learn and matplotlib, labelled by source photo.
 - :class:`Shapes`: procedural images: class = shape x colour, random position, scale and background.
 - :class:`ImageFolder`: ``root/<class>/*.png`` (class per subfolder) or ``root/*.png`` (one class).
+- ``captions: FILE`` / ``edits: FILE``: images named by a JSON-lines file with a caption each, or editing
+  triples (source, instruction, target) (:mod:`snce.data.captioned`).
 - :class:`snce.data.scenes.Scenes` (``name: scenes``): rendered scenes of 1-2 objects with known attributes,
   labelled by the first object's colour and shape. The same scenes with their captions, ``(image, caption,
   attributes)``, are ``name: scene_captions``; editing triples, ``dict(source, instruction, target, ...)``,
@@ -54,6 +56,10 @@ class DataConfig(Config):
         "digits", "mnist", "photos", "shapes", "scenes", "scene_captions", "scene_edits", "folder"
     ] = "digits"
     path: str | None = None  # an image folder; setting it selects the folder dataset
+    # JSON lines of {"image", "text"} (captions) or {"source", "instruction", "target"} (edits); image paths
+    # relative to path, by default to the file's folder (snce.data.captioned); setting one selects it
+    captions: str | None = None
+    edits: str | None = None
     size: int = 16  # output resolution (square), pixels
     channels: int | None = None  # 1 or 3; null = the dataset's own (digits 1, others 3)
     num_samples: int = 4096  # photos / shapes / scene*: samples per split
@@ -61,6 +67,8 @@ class DataConfig(Config):
 
     @property
     def kind(self) -> str:
+        if self.captions is not None or self.edits is not None:
+            return "captions" if self.captions is not None else "edits"
         return "folder" if self.path is not None else self.name
 
     @property
@@ -69,6 +77,14 @@ class DataConfig(Config):
         return self.channels or (1 if self.kind in ("digits", "mnist") else 3)
 
     def check(self) -> None:
+        if self.captions is not None and self.edits is not None:
+            raise ConfigError("edits", "set captions or edits, not both (one dataset per run)")
+        for name in ("captions", "edits"):
+            file = getattr(self, name)
+            if file is not None and not Path(file).is_file():
+                raise ConfigError(name, f"expected an existing JSON-lines file, got {file!r}")
+        if self.kind in ("captions", "edits") and self.path is not None and not Path(self.path).is_dir():
+            raise ConfigError("path", f"expected the directory the {self.kind} file's images are under, got {self.path!r}")
         if self.kind == "folder":
             if self.path is None:
                 raise ConfigError("path", "is required for name 'folder' (a directory of images)")
@@ -102,6 +118,12 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
         cls = {"scenes": scenes.Scenes, "scene_captions": scenes.SceneCaptions}.get(kind)
         cls = cls or scenes.SceneEdits
         return cls(cfg.size, cfg.num_samples, seed=cfg.seed, split=split, channels=channels)
+    if kind in ("captions", "edits"):
+        from snce.data.captioned import CaptionedImages, ImageEdits
+
+        cls = CaptionedImages if kind == "captions" else ImageEdits
+        file = cfg.captions if kind == "captions" else cfg.edits
+        return cls(file, cfg.size, root=cfg.path, split=split, channels=channels)
     return ImageFolder(cfg.path, cfg.size, split=split, channels=channels)
 
 
