@@ -11,7 +11,7 @@ from snce.config import ConfigError
 from snce.study import SettingsChanged, StudyConfig, analyse, load_study_config
 from snce.study.config import arm_tau_scale
 from snce.study.report import verdict_paragraph
-from snce.study.run import arm_loss, check_spec, class_sweep, plan_runs
+from snce.study.run import arm_loss, check_spec, class_sweep, plan_runs, study_loss
 
 
 def _run(arm, seed, fids, val_fid=None, setting="vq", K=256, family="autoregressive", tau=0.1):
@@ -83,12 +83,12 @@ def test_arm_names_and_losses():
     assert arm_tau_scale("ls") is None and arm_tau_scale("snce_shuffled") is None
     cfg = StudyConfig()
     info = {"tau": 0.2, "tau_latents": 0.05, "matched_smoothing": 0.37}
-    assert arm_loss(cfg, "ls", info, 0).label_smoothing == 0.1
-    assert arm_loss(cfg, "ls_matched", info, 0).label_smoothing == 0.37
-    assert arm_loss(cfg, "snce_tau0.5x", info, 0).tau == pytest.approx(0.1)
-    shuffled = arm_loss(cfg, "snce_shuffled", info, 3)
+    assert arm_loss("ls", info, 0, **study_loss(cfg)).label_smoothing == 0.1
+    assert arm_loss("ls_matched", info, 0, **study_loss(cfg)).label_smoothing == 0.37
+    assert arm_loss("snce_tau0.5x", info, 0, **study_loss(cfg)).tau == pytest.approx(0.1)
+    shuffled = arm_loss("snce_shuffled", info, 3, **study_loss(cfg))
     assert shuffled.shuffle_neighbors and shuffled.shuffle_seed == 3 and shuffled.tau == 0.2
-    latents = arm_loss(cfg, "snce_latents", info, 0)
+    latents = arm_loss("snce_latents", info, 0, **study_loss(cfg))
     assert (latents.targets, latents.tau) == ("latents", 0.05)
 
 

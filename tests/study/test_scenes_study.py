@@ -15,6 +15,9 @@ from snce.study.scenes import SceneStudyConfig
     [
         ({"arms": ["snce"]}, "arms"),
         ({"arms": ["ce", "focal"]}, "arms"),
+        ({"arms": ["ce", "snce", "snce"]}, "arms"),
+        ({"arms": ["ce", "snce_latents"]}, "arms"),
+        ({"label_smoothing": 1.0}, "label_smoothing"),
         ({"seeds": [1, 1]}, "seeds"),
     ],
 )
@@ -32,7 +35,7 @@ def test_shipped_scene_study_configs_load(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["t2i", "edit"])
-def test_a_tiny_scene_study_runs_and_reports(tmp_path, task):
+def test_a_tiny_scene_study_runs_and_reports(tmp_path, task, capsys):
     config = yaml.safe_load(open("configs/study/scenes_t2i.yaml"))
     config.update(task=task, out_dir=str(tmp_path / "out"), seeds=[0, 1], train_samples=128,
                   test_samples=12)  # fmt: skip
@@ -42,8 +45,25 @@ def test_a_tiny_scene_study_runs_and_reports(tmp_path, task):
     assert main(["study", "--config", str(tmp_path / "s.yaml")]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     key = "accuracy" if task == "t2i" else "edit_success"
-    assert set(results["analysis"]) == {"ce", "snce"}
-    assert "vs_ce" in results["analysis"]["snce"][key]
-    assert len(results["analysis"]["ce"][key]["values"]) == 2
-    assert (tmp_path / "out" / "plots" / f"{key}.png").is_file()
-    assert (tmp_path / "out" / "plots" / "samples_snce.png").is_file()
+    arms = results["analysis"]["arms"]
+    assert set(arms) == {"ce", "ls", "snce", "snce_shuffled"}
+    assert len(arms["ce"][key]["values"]) == 2 and "fid" in arms["snce"]
+    pairs = {(c["arm"], c["reference"]) for c in results["analysis"]["comparisons"]}
+    assert (
+        ("snce", "ce") in pairs and ("snce", "snce_shuffled") in pairs and ("snce", "ls") in pairs
+    )
+    shuffled = json.loads(
+        (tmp_path / "out" / "runs" / "snce_shuffled-seed1" / "score.json").read_text()
+    )
+    loss = shuffled["spec"]["run"]["loss"]
+    assert loss["kind"] == "snce" and loss["shuffle_neighbors"] and loss["shuffle_seed"] == 1
+    assert results["baselines"]["tokenizer reconstructions of the real answer"][key] >= 0
+    for name in ("scores.png", "samples.png"):
+        assert (tmp_path / "out" / "plots" / name).is_file()
+    assert "snce vs snce_shuffled" in (tmp_path / "out" / "report.md").read_text()
+    # a rerun reuses the finished runs; one with other settings is refused
+    assert main(["study", "--config", str(tmp_path / "s.yaml")]) == 0
+    config["generator"]["train"]["lr"] = 1e-3
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(config))
+    assert main(["study", "--config", str(tmp_path / "s.yaml")]) == 2
+    assert "other settings" in capsys.readouterr().err

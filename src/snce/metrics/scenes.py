@@ -76,6 +76,7 @@ from snce.data.scenes import (
     to_tensor,
 )
 from snce.metrics.domain import cached_model, options_suffix
+from snce.metrics.image import frechet_distance
 
 CELLS = GRID * GRID
 EMPTY = -1  # the shape read in a cell without an object (colour and size are then -1 too)
@@ -358,6 +359,29 @@ def attribute_accuracy(
     return attribute_scores(images, conditions, classifier=classifier, cache_dir=cache_dir)[
         "accuracy"
     ]
+
+
+@torch.no_grad()
+def scene_fid(
+    images: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    classifier: AttributeClassifier | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> float:
+    """FID between ``images`` and ``reference`` (both (N, 3, H, W) in [-1, 1], N >= 2) in the attribute
+    classifier's feature space: every cell's logits, concatenated (9 x 10 = 90 features per image). Sensitive
+    to what the scenes hold (shapes, colours, sizes, how many objects where), blind to the texture Inception
+    would see; compare it only between generators scored against the same reference."""
+    images, reference = _check_images(images, "images"), _check_images(reference, "reference")
+    net = _classifier(classifier, reference, cache_dir).eval()
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [torch.cat(net(x[i : i + 256]), dim=-1).flatten(1) for i in range(0, len(x), 256)]
+        )
+
+    return frechet_distance(features(reference), features(images))
 
 
 def edit_scores(

@@ -333,7 +333,9 @@ def target_floors(
     floors = {}
     for arm in arms_on(cfg, name, K):
         if arm != "ce":
-            loss = TokenLoss(arm_loss(cfg, arm, info, cfg.seed), codebook, metric, has_latents=True)
+            loss = TokenLoss(
+                arm_loss(arm, info, cfg.seed, **study_loss(cfg)), codebook, metric, has_latents=True
+            )
             drawn = loss.sample_targets(indices.reshape(-1), K, latents, generator=gen)
             floors[arm] = measure(drawn, full=False)
     return measure(indices, full=True), floors
@@ -402,13 +404,17 @@ def context(cfg: StudyConfig, setting: str, K: int) -> Context:
     return Context(cfg, tok_dir, tok, shard_dirs, shards, info, device)
 
 
-def arm_loss(cfg: StudyConfig, arm: str, info: dict, seed: int) -> LossConfig:
-    """The token loss of ``arm`` (see :mod:`snce.study.config`), with every temperature and epsilon explicit."""
-    topk = cfg.loss.topk
+def arm_loss(
+    arm: str, info: dict, seed: int, *, label_smoothing: float = 0.1, topk: int | None = None
+) -> LossConfig:
+    """The token loss of ``arm`` (see :mod:`snce.study.config`), with every temperature and epsilon explicit.
+
+    ``info``: the tokenizer's ``tau`` (and ``matched_smoothing``, ``tau_latents`` for the arms that use them);
+    ``seed`` fixes snce_shuffled's permutation; ``label_smoothing`` is ls's epsilon, ``topk`` SNCE's."""
     if arm == "ce":
         return LossConfig(kind="ce")
     if arm == "ls":
-        return LossConfig(kind="label_smoothing", label_smoothing=cfg.loss.label_smoothing)
+        return LossConfig(kind="label_smoothing", label_smoothing=label_smoothing)
     if arm == "ls_matched":
         return LossConfig(kind="label_smoothing", label_smoothing=info["matched_smoothing"])
     if arm == "snce_latents":
@@ -418,6 +424,11 @@ def arm_loss(cfg: StudyConfig, arm: str, info: dict, seed: int) -> LossConfig:
             kind="snce", tau=info["tau"], topk=topk, shuffle_neighbors=True, shuffle_seed=seed
         )
     return LossConfig(kind="snce", tau=info["tau"] * arm_tau_scale(arm), topk=topk)
+
+
+def study_loss(cfg: StudyConfig) -> dict:
+    """The study-wide options of :func:`arm_loss`."""
+    return {"label_smoothing": cfg.loss.label_smoothing, "topk": cfg.loss.topk}
 
 
 @torch.no_grad()
@@ -495,7 +506,7 @@ def run_generator(cfg: StudyConfig, key: RunKey, is_main: bool = True) -> dict:
         cfg.generator.train, out_dir=str(run_dir), seed=key.seed, device=cfg.device,
         ckpt_every=min(cfg.eval.every, steps),
     )  # fmt: skip
-    loss_cfg = arm_loss(cfg, key.arm, ctx.info, key.seed)
+    loss_cfg = arm_loss(key.arm, ctx.info, key.seed, **study_loss(cfg))
     run_cfg = GeneratorRunConfig(
         shards=str(ctx.shard_dirs["train"]), tokenizer=str(ctx.tokenizer_dir), family=key.family,
         preset=cfg.generator.preset, model=dict(cfg.generator.model), loss=loss_cfg, sample=cfg.eval.sample,
