@@ -48,9 +48,10 @@ from snce.generators.transformer import GeneratorModel
 
 # exp(z) = exp2(z * log2(e)): torch's exp2 is ~4x faster than its exp on CPU, and as accurate (1 ulp).
 _LOG2E = 1.0 / math.log(2.0)
-# Rows per block: at least _MIN_ROWS (so the head matmul reuses each weight row), else _CPU_BLOCK logits on CPU
-# (1 MiB float32: the head's output and the draw stay in L2) and _BLOCK elsewhere (256 MiB: few kernel launches).
-_MIN_ROWS = 16
+# Rows per block: at least _MIN_ROWS (so the head matmul reuses each weight row: 64 rows sample 1.6x faster than
+# 16 at K = 262,144, docs/benchmarks.md), else _CPU_BLOCK logits on CPU (1 MiB float32: the head's output and the
+# draw stay in L2) and _BLOCK elsewhere (256 MiB: few kernel launches).
+_MIN_ROWS = 64
 _CPU_BLOCK = 1 << 18
 _BLOCK = 1 << 26
 
