@@ -140,3 +140,63 @@ def test_cli_tokenizes_a_captions_file(captions, tmp_path):
     assert main([*args, "--text-encoder", '{"kind": "builtin", "dim": 8}']) == 0
     shards = TokenShards(out)
     assert shards.texts == texts and shards.manifest.has_text and not shards.manifest.edit
+
+
+def test_a_truncated_image_is_skipped_when_read(tmp_path):
+    write_png(tmp_path / "a.png", 0)
+    cut = tmp_path / "b.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        cut
+    )
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # verifies, does not decode
+    file = write_lines(
+        tmp_path / "c.jsonl",
+        [{"image": "b.jpg", "text": "cut"}, {"image": "a.png", "text": "whole"}],
+    )
+    ds = CaptionedImages(file, size=12)
+    with pytest.warns(UserWarning, match="unreadable image"):
+        assert ds[0][1] == "whole"  # replaced by the next readable record
+
+
+def test_edit_manifests_name_their_errors_and_take_absolute_paths(tmp_path):
+    a = tmp_path / "a.png"
+    write_png(a, 0)
+    ok = {"source": str(a), "instruction": "x", "target": str(a)}  # absolute: root does not apply
+    assert (
+        len(ImageEdits(write_lines(tmp_path / "e.jsonl", [ok]), root=tmp_path / "elsewhere")) == 1
+    )
+    bad = write_lines(tmp_path / "f.jsonl", [ok, {"source": "a.png", "instruction": "x"}])
+    with pytest.raises(
+        ValueError, match=r'line 2: expected \{"source": PATH, "instruction": TEXT, "target"'
+    ):
+        ImageEdits(bad)
+    gone = write_lines(tmp_path / "g.jsonl", [{**ok, "target": "missing.png"}])
+    with pytest.raises(FileNotFoundError, match=r"line 1: .*missing.png"):
+        ImageEdits(gone)
+
+
+def test_a_line_with_a_unicode_line_separator_in_its_text_is_one_record(tmp_path):
+    write_png(tmp_path / "a.png", 0)
+    text = "one\u2028two"
+    (tmp_path / "c.jsonl").write_text(
+        "\ufeff" + json.dumps({"image": "a.png", "text": text}, ensure_ascii=False) + "\r\n",
+        encoding="utf-8",
+    )
+    assert [t for _, t in CaptionedImages(tmp_path / "c.jsonl")] == [text]
+
+
+def test_overriding_the_image_source_drops_the_tokenizers_recorded_one(tmp_path, captions):
+    from snce.tokenizer import load_data_config
+
+    file = captions[0]
+    (tmp_path / "tok").mkdir()
+    train = tmp_path / "train"
+    train.mkdir()
+    (tmp_path / "tok" / "data.json").write_text(
+        json.dumps({"name": "folder", "path": str(train), "size": 16})
+    )
+    data = load_data_config(tmp_path / "tok", [f"data.captions={file}"])
+    assert (data.captions, data.path, data.size, data.kind) == (str(file), None, 16, "captions")
+    data = load_data_config(tmp_path / "tok", [f"data.captions={file}", f"data.path={tmp_path}"])
+    assert data.path == str(tmp_path)
+    assert load_data_config(tmp_path / "tok", ["data.size=8"]).path == str(train)

@@ -113,3 +113,33 @@ def test_metric_argument_errors(classifier):
         attribute_accuracy(x[:, :1], attr, classifier=model)
     with pytest.raises(ValueError, match="exactly one attribute"):
         edit_scores(attr, attr, x, classifier=model)
+
+
+def test_scene_fid_is_the_frechet_distance_of_the_cell_logits(classifier):
+    import numpy as np
+    from scipy import linalg
+
+    from snce.metrics.scenes import scene_fid
+
+    model = classifier[0]
+    real = torch.stack([SceneCaptions(32, 200, split="test")[i][0] for i in range(200)])
+    other = torch.stack([SceneCaptions(32, 200, split="val")[i][0] for i in range(200)])
+    blank = (
+        real[:, :, :1, :1].expand_as(real).contiguous()
+    )  # every pixel the top-left one: background
+
+    def reference(a, b):  # the closed form, in float64 numpy, on the 90 logits per image
+        with torch.no_grad():
+            fa, fb = (torch.cat(model(x), -1).flatten(1).double().numpy() for x in (a, b))
+        mu_a, mu_b = fa.mean(0), fb.mean(0)
+        cov_a, cov_b = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
+        root = linalg.sqrtm(cov_a @ cov_b).real
+        return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+    assert scene_fid(real, real, classifier=model) == pytest.approx(0, abs=1e-2)
+    for fake in (other, blank):
+        assert scene_fid(fake, real, classifier=model) == pytest.approx(
+            reference(real, fake), rel=1e-3
+        )
+    # other real scenes are far closer to the test scenes than empty backgrounds are
+    assert scene_fid(other, real, classifier=model) < 0.1 * scene_fid(blank, real, classifier=model)

@@ -61,9 +61,49 @@ def test_a_tiny_scene_study_runs_and_reports(tmp_path, task, capsys):
     for name in ("scores.png", "samples.png"):
         assert (tmp_path / "out" / "plots" / name).is_file()
     assert "snce vs snce_shuffled" in (tmp_path / "out" / "report.md").read_text()
-    # a rerun reuses the finished runs; one with other settings is refused
+    # a rerun reuses the finished runs; other generator settings, or other data, are refused
     assert main(["study", "--config", str(tmp_path / "s.yaml")]) == 0
-    config["generator"]["train"]["lr"] = 1e-3
-    (tmp_path / "s.yaml").write_text(yaml.safe_dump(config))
-    assert main(["study", "--config", str(tmp_path / "s.yaml")]) == 2
-    assert "other settings" in capsys.readouterr().err
+    (tmp_path / "out" / "runs" / "ce-seed0" / "score.json").unlink()  # as if stopped before scoring
+    for change, differing in (("generator", "the generator run"), ("data", "train_samples")):
+        changed = yaml.safe_load(yaml.safe_dump(config))
+        if change == "generator":
+            changed["generator"]["train"]["lr"] = 1e-3
+        else:
+            changed["train_samples"] = 64
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(changed))
+        assert main(["study", "--config", str(tmp_path / "s.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert "other settings" in err and differing in err
+
+
+def test_analysis_pairs_by_seed_and_reads_each_score_the_right_way():
+    from snce.study.scenes import analyse, comparisons
+
+    cfg = SceneStudyConfig(task="t2i", seeds=[0, 1, 2], arms=["ce", "snce", "snce_shuffled"])
+    base = {"accuracy": 0.5, "held_out_accuracy": 0.4, "exact": 0.1, "fid": 100.0}
+    runs = {}
+    for s, noise in zip(
+        cfg.seeds, (0.0, 0.03, -0.02), strict=True
+    ):  # seed effects shared by the arms
+        runs[f"ce/{s}"] = {k: v + noise for k, v in base.items()}
+        # snce: higher accuracy (better) and higher FID (worse) on every seed; shuffled: CE's values
+        runs[f"snce/{s}"] = {
+            **runs[f"ce/{s}"],
+            "accuracy": 0.6 + noise + 0.001 * s,
+            "fid": 120.0 + noise,
+        }
+        runs[f"snce_shuffled/{s}"] = dict(runs[f"ce/{s}"])
+    assert comparisons(cfg.arms) == [
+        ("snce", "ce"),
+        ("snce_shuffled", "ce"),
+        ("snce", "snce_shuffled"),
+    ]
+    result = analyse(cfg, runs)
+    got = {(c["arm"], c["reference"], c["score"]): c for c in result["comparisons"]}
+    win = got["snce", "ce", "accuracy"]
+    assert win["verdict"] == "win" and win["mean"] == pytest.approx(0.101) and win["lo"] > 0
+    assert got["snce", "ce", "fid"]["verdict"] == "loss"  # lower is better for FID
+    assert got["snce", "ce", "fid"]["mean"] == pytest.approx(20.0)
+    assert got["snce_shuffled", "ce", "exact"]["verdict"] == "no difference shown"
+    assert got["snce", "snce_shuffled", "accuracy"]["verdict"] == "win"
+    assert result["arms"]["ce"]["accuracy"]["values"] == [0.5, 0.53, 0.48]

@@ -13,8 +13,9 @@ centre-cropped to a square and resized to ``size`` like :class:`snce.data.images
 
 Splits follow the file's line order as for folders (of every ``TEST_EVERY`` records the last is a test
 record and the one before a val record). The whole file is checked when the dataset is built: a malformed
-line, a missing key or a missing image file is an error naming the line; an image that exists but cannot
-be decoded is reported in one warning and its record skipped.
+line, a missing key or a missing image file is an error naming the line; an image whose header cannot be
+read is reported in one warning and its record skipped; an image that fails to decode later (a truncated
+file) is reported once and its item replaced by the next readable one, as in ``ImageFolder``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from snce.data.images import _check_split, _held_out, _verifies, load_square, to_channels
@@ -37,8 +38,8 @@ EDIT_KEYS = {"source": "image", "instruction": "text", "target": "image"}
 def read_records(
     file: str | os.PathLike, keys: dict[str, str], root: str | os.PathLike | None = None
 ) -> list[dict]:
-    """The records of a JSON-lines ``file`` with ``keys`` (key -> ``"image"`` or ``"text"``); image values
-    become absolute Paths (relative ones under ``root``, default the file's folder). Raises ValueError naming
+    """The records of a JSON-lines ``file`` (UTF-8) with ``keys`` (key -> ``"image"`` or ``"text"``); image
+    values become Paths (relative ones joined to ``root``, default the file's folder). Raises ValueError naming
     the first bad lines (not JSON, not an object, a key missing, an empty text) and FileNotFoundError naming
     the missing images."""
     file = Path(file)
@@ -51,7 +52,9 @@ def read_records(
         + "}"
     )
     records, errors, missing = [], [], []
-    for number, line in enumerate(file.read_text().splitlines(), start=1):
+    # split on newlines only: str.splitlines would also split inside strings at U+2028 and the like
+    for number, line in enumerate(file.read_text(encoding="utf-8-sig").split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -73,7 +76,11 @@ def read_records(
                     missing.append(f"line {number}: {path}")
         records.append({k: record[k] for k in keys})
     if errors:
-        raise ValueError(f"{file}: {len(errors)} bad line(s): " + "; ".join(errors[:5]))
+        raise ValueError(
+            f"{file}: {len(errors)} bad line(s): "
+            + "; ".join(errors[:5])
+            + (" ..." if len(errors) > 5 else "")
+        )
     if missing:
         raise FileNotFoundError(
             f"{file}: {len(missing)} image(s) not found: " + "; ".join(missing[:5])
@@ -98,6 +105,7 @@ class _Records(Dataset):
         split: str = "all",
         channels: int = 3,
     ):
+        self.file = Path(file)
         records = read_records(file, self.keys, root)
         images = [k for k, kind in self.keys.items() if kind == "image"]
         bad = {r[k] for r in records for k in images if not _verifies(r[k])}
@@ -113,9 +121,26 @@ class _Records(Dataset):
         self.records = [records[i] for i in _held_out(len(records), _check_split(split))]
         self.size, self.channels = size, channels
         self.num_classes, self.class_names = 0, []
+        self._reported: set[int] = set()  # ids of the records already warned about
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def __getitem__(self, i: int):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} records")  # ends iteration
+        for j in range(len(self.records)):
+            record = self.records[(i + j) % len(self.records)]
+            try:
+                return self.item(record)
+            except (OSError, UnidentifiedImageError, ValueError) as e:
+                if id(record) not in self._reported:
+                    self._reported.add(id(record))
+                    warnings.warn(
+                        f"skipping a record of {self.file} with an unreadable image: {e}",
+                        stacklevel=2,
+                    )
+        raise ValueError(f"none of the {len(self.records)} records' images could be decoded")
 
     def image(self, path: Path) -> torch.Tensor:
         with Image.open(path) as img:
@@ -127,8 +152,7 @@ class CaptionedImages(_Records):
 
     keys = CAPTION_KEYS
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        record = self.records[i]
+    def item(self, record: dict) -> tuple[torch.Tensor, str]:
         return self.image(record["image"]), record["text"]
 
 
@@ -138,8 +162,7 @@ class ImageEdits(_Records):
 
     keys = EDIT_KEYS
 
-    def __getitem__(self, i: int) -> dict:
-        record = self.records[i]
+    def item(self, record: dict) -> dict:
         return {
             "source": self.image(record["source"]),
             "instruction": record["instruction"],

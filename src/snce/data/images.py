@@ -463,6 +463,8 @@ class ImageFolder(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} images")  # ends iteration
         for j in range(len(self.items)):
             path, label = self.items[(i + j) % len(self.items)]
             try:

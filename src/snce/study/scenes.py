@@ -34,7 +34,7 @@ from typing import Literal
 
 import torch
 
-from snce.config import Config, ConfigError
+from snce.config import Config, ConfigError, atomic_write_text
 from snce.study.config import check_arm
 from snce.study.stats import paired_difference, t_interval, verdict
 
@@ -82,6 +82,9 @@ def run_scene_study(cfg: SceneStudyConfig) -> dict:
     from snce.tokenizer import Tokenizer, TokenizerRunConfig, tokenize_dataset, train_tokenizer
 
     out = Path(cfg.out_dir)
+    check_or_write(
+        out / "study.json", shared_settings(cfg), "this study's data, tokenizer or text encoder"
+    )
     data = {"name": "scenes", "size": cfg.size, "num_samples": cfg.train_samples}
     tok_dir = Path(cfg.tokenizer_from).parent if cfg.tokenizer_from else out / "tokenizer"
     if not (tok_dir / "tokenizer" / "model.safetensors").is_file():
@@ -103,7 +106,10 @@ def run_scene_study(cfg: SceneStudyConfig) -> dict:
             text_encoder=encoder, device=cfg.device, progress=False,
         )  # fmt: skip
     test = dataset(cfg.size, cfg.test_samples, split="test")
-    targets = target_info(tokenizer, shards)
+    targets_file = out / "targets.json"  # computed once: a resume never recomputes the arms' losses
+    if not targets_file.is_file():
+        atomic_write_text(targets_file, json.dumps(target_info(tokenizer, shards), indent=2) + "\n")
+    targets = json.loads(targets_file.read_text())
     results = {
         "config": cfg.to_dict(), "targets": targets, "runs": {},
         "baselines": baselines(cfg.task, test, tokenizer),
@@ -117,6 +123,38 @@ def run_scene_study(cfg: SceneStudyConfig) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_report(cfg, results, out)
     return results
+
+
+def shared_settings(cfg: SceneStudyConfig) -> dict:
+    """What the tokenizer, the shards and the test items are made from (every run depends on it)."""
+    keys = (
+        "task",
+        "size",
+        "train_samples",
+        "test_samples",
+        "text_encoder",
+        "tokenizer_from",
+        "tokenizer",
+    )
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def check_or_write(path: Path, settings: dict, what: str) -> None:
+    """Write ``settings`` to ``path`` (JSON), or, if it exists, refuse to go on when they differ from it."""
+    settings = json.loads(json.dumps(settings))  # as JSON reads them back (tuples -> lists)
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != settings:
+            changed = sorted(
+                k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k)
+            )
+            raise ValueError(
+                f"{path.parent} holds a run made with other settings ({what}: {', '.join(changed)} differ); "
+                "use another out_dir, or delete it to start over"
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
 
 
 def target_info(tokenizer, shards: Path) -> dict:
@@ -139,8 +177,8 @@ def target_info(tokenizer, shards: Path) -> dict:
 def train_and_score(
     cfg, arm: str, seed: int, shards: Path, tok_dir: Path, test, targets: dict
 ) -> dict:
-    """Train (or reuse) the generator of (arm, seed) and score it on ``test`` (cached in ``score.json`` with
-    the run's settings; a cached score made with other settings is refused)."""
+    """Train (or resume, or reuse) the generator of (arm, seed) and score it on ``test`` (cached in
+    ``score.json``); a run directory made with other settings is refused (``study_run.json``)."""
     from snce.study.run import arm_loss
     from snce.train.generator import GeneratorRunConfig, train_generator
 
@@ -154,19 +192,13 @@ def train_and_score(
         "train": {**gen.get("train", {}), "out_dir": str(run_dir), "seed": seed, "device": cfg.device},
     })  # fmt: skip
     run_cfg.check()
-    spec = {"run": run_cfg.to_dict(), "test_samples": cfg.test_samples}
+    check_or_write(run_dir / "study_run.json", run_cfg.to_dict(), "the generator run")
     score_path = run_dir / "score.json"
     if score_path.is_file():
-        score = json.loads(score_path.read_text())
-        if score.get("spec") != spec:
-            raise ValueError(
-                f"{run_dir} was trained or scored with other settings than this study's; use another "
-                "out_dir (or delete that run to retrain it)"
-            )
-        return score
+        return json.loads(score_path.read_text())
     train_generator(run_cfg, resume=(run_dir / "checkpoints").is_dir())
-    score = {**score_generator(cfg, run_dir, test, seed), "spec": spec}
-    score_path.write_text(json.dumps(score, indent=2) + "\n")
+    score = score_generator(cfg, run_dir, test, seed)
+    atomic_write_text(score_path, json.dumps(score, indent=2) + "\n")
     return score
 
 
@@ -255,7 +287,7 @@ SCORES = {  # the scores analysed per task; LOWER_IS_BETTER: the ones where smal
 }
 LOWER_IS_BETTER = ("pixel_change_outside", "fid")
 # (arm, reference) pairs compared besides every arm vs CE: the geometry control and the softness control
-CONTROLS = (("snce", "snce_shuffled"), ("snce", "ls"))
+CONTROLS = (("snce", "snce_shuffled"), ("snce", "ls"), ("snce", "ls_matched"))
 
 
 def comparisons(arms: list[str]) -> list[tuple[str, str]]:

@@ -245,14 +245,27 @@ def broadcast_state(module: torch.nn.Module, src: int = 0) -> None:
             tensor.copy_(wire)
 
 
+# where the images come from: overriding one of these drops the recorded values of the others
+_SOURCE_KEYS = ("path", "captions", "edits")
+
+
 def load_data_config(tokenizer_dir: str | os.PathLike, overrides=()) -> DataConfig:
-    """The data a tokenizer was trained on (``data.json`` beside it), with ``data.*`` overrides."""
+    """The data a tokenizer was trained on (``data.json`` beside it), with ``data.*`` overrides.
+
+    The image source (``path``, ``captions``, ``edits``) is taken as a whole: setting any of them drops the
+    recorded ones not set, so ``--set data.captions=FILE`` reads FILE's images from FILE's folder, not from the
+    tokenizer's training folder."""
     path = Path(tokenizer_dir) / DATA_FILE
     data = {"data": json.loads(path.read_text())} if path.is_file() else {}
-    for item in overrides:
-        key, value = parse_override(item)
+    parsed = [parse_override(item) for item in overrides]
+    for key, _ in parsed:
         if not key.startswith("data."):
             raise ConfigError(key, "only data.* keys can be set here")
+    given = {key.removeprefix("data.") for key, _ in parsed}
+    if given & set(_SOURCE_KEYS) and "data" in data:
+        for key in set(_SOURCE_KEYS) - given:
+            data["data"].pop(key, None)
+    for key, value in parsed:
         apply_override(data, _DataSection, key, value)
     return _DataSection.from_dict(data).data
 
