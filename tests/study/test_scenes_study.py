@@ -53,11 +53,13 @@ def test_a_tiny_scene_study_runs_and_reports(tmp_path, task, capsys):
         ("snce", "ce") in pairs and ("snce", "snce_shuffled") in pairs and ("snce", "ls") in pairs
     )
     shuffled = json.loads(
-        (tmp_path / "out" / "runs" / "snce_shuffled-seed1" / "score.json").read_text()
+        (tmp_path / "out" / "runs" / "snce_shuffled-seed1" / "study_run.json").read_text()
     )
-    loss = shuffled["spec"]["run"]["loss"]
+    loss = shuffled["loss"]
     assert loss["kind"] == "snce" and loss["shuffle_neighbors"] and loss["shuffle_seed"] == 1
-    assert results["baselines"]["tokenizer reconstructions of the real answer"][key] >= 0
+    floors = results["baselines"]
+    assert floors["tokenizer reconstructions of the real answer (CE's target)"][key] >= 0
+    assert {f"{arm}'s target floor" for arm in ("ls", "snce", "snce_shuffled")} <= set(floors)
     for name in ("scores.png", "samples.png"):
         assert (tmp_path / "out" / "plots" / name).is_file()
     assert "snce vs snce_shuffled" in (tmp_path / "out" / "report.md").read_text()

@@ -112,7 +112,7 @@ def run_scene_study(cfg: SceneStudyConfig) -> dict:
     targets = json.loads(targets_file.read_text())
     results = {
         "config": cfg.to_dict(), "targets": targets, "runs": {},
-        "baselines": baselines(cfg.task, test, tokenizer),
+        "baselines": baselines(cfg, test, tokenizer, targets),
     }  # fmt: skip
     for arm in cfg.arms:
         for seed in cfg.seeds:
@@ -248,12 +248,18 @@ def score_images(task: str, test, items: list, images: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def baselines(task: str, test, tokenizer) -> dict:
+def baselines(cfg: SceneStudyConfig, test, tokenizer, targets: dict) -> dict:
     """What the scores give without a generator: for t2i the real renders with their own captions and with
     another item's (chance), for edits the true target and the source returned (no edit); for both, the
-    tokenizer's reconstructions of the right answer (the ceiling of a generator over its tokens)."""
+    tokenizer's reconstructions of the right answer (what a generator that learned CE's target exactly would
+    give) and, per other arm, those tokens redrawn one by one from the arm's training target and decoded
+    (its target floor: what sampling at temperature 1 from a generator that learned that target exactly
+    would give)."""
+    from snce.generators.objectives import TokenLoss
+    from snce.study.run import arm_loss
+
     items = [test[i] for i in range(len(test))]
-    if task == "t2i":
+    if cfg.task == "t2i":
         real = torch.stack([image for image, _, _ in items])
         shuffled = [
             (image, caption, a)
@@ -267,14 +273,23 @@ def baselines(task: str, test, tokenizer) -> dict:
         real = torch.stack([item["target"] for item in items])
         sources = torch.stack([item["source"] for item in items])
         answers = {"true target": (items, real), "no edit (source returned)": (items, sources)}
-    recon = torch.cat(
-        [
-            tokenizer.decode(tokenizer.encode(real[i : i + 256]).indices)
-            for i in range(0, len(real), 256)
-        ]
-    )
-    answers["tokenizer reconstructions of the real answer"] = (items, recon.clamp(-1, 1).cpu())
-    return {name: score_images(task, test, its, images) for name, (its, images) in answers.items()}
+
+    def decode(tokens: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tokenizer.decode(t).clamp(-1, 1).cpu() for t in tokens.split(256)])
+
+    indices = torch.cat([tokenizer.encode(x).indices for x in real.split(256)])  # (N, h, w)
+    answers["tokenizer reconstructions of the real answer (CE's target)"] = (items, decode(indices))
+    codebook, metric = tokenizer.quantizer.codebook.detach().float(), tokenizer.quantizer.metric
+    gen = torch.Generator().manual_seed(cfg.seeds[0])
+    for arm in cfg.arms:
+        if arm != "ce":
+            loss = TokenLoss(arm_loss(arm, targets, cfg.seeds[0], label_smoothing=cfg.label_smoothing),
+                             codebook, metric)  # fmt: skip
+            drawn = loss.sample_targets(indices.reshape(-1), codebook.shape[0], generator=gen)
+            answers[f"{arm}'s target floor"] = (items, decode(drawn.view_as(indices)))
+    return {
+        name: score_images(cfg.task, test, its, images) for name, (its, images) in answers.items()
+    }
 
 
 def headline(task: str) -> str:
