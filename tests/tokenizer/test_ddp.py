@@ -39,7 +39,9 @@ def test_torchrun_matches_one_process(tmp_path, torchrun):
         single = load_file(str(latest_checkpoint(tmp_path / "single") / name))
         assert params <= ddp.keys() and params <= single.keys()
         for k in params:
-            torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+            # atol 1e-4 = 1% of one Adam step (lr 1e-2): a wrong gradient average moves weights by ~lr, while
+            # the two reduction orders' float32 rounding, amplified by Adam, reached 1.7e-5 on some CPUs
+            torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-4, msg=f"{name}: {k}")
     # The runs trained: weights moved away from the shared initialisation (seeded by train.seed).
     key = "decoder.conv_out.weight"
     assert not torch.allclose(single[f"tokenizer.{key}"], init.state_dict()[key], atol=1e-3)
