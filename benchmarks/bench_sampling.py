@@ -123,6 +123,9 @@ def main() -> None:
     import torch
 
     names = a.samplers or sampler_names(a)
+    unknown = [n for n in names if n not in sampler_names(a)]
+    if unknown:
+        p.error(f"unknown sampler(s) {unknown}; expected some of {sampler_names(a)} (masked T for each --steps T)")
     n_tok = a.batch * a.grid**2
     print(
         f"{machine()}; torch {torch.__version__}, {a.threads} thread(s), fp32; width {a.dim}, {a.layers} layers, "
