@@ -53,7 +53,7 @@ def test_a_tiny_scene_study_runs_and_reports(tmp_path, task, capsys):
         ("snce", "ce") in pairs and ("snce", "snce_shuffled") in pairs and ("snce", "ls") in pairs
     )
     shuffled = json.loads(
-        (tmp_path / "out" / "runs" / "snce_shuffled-seed1" / "study_run.json").read_text()
+        (tmp_path / "out" / "runs" / "snce_shuffled-seed1" / "spec.json").read_text()
     )
     loss = shuffled["loss"]
     assert loss["kind"] == "snce" and loss["shuffle_neighbors"] and loss["shuffle_seed"] == 1
@@ -66,7 +66,7 @@ def test_a_tiny_scene_study_runs_and_reports(tmp_path, task, capsys):
     # a rerun reuses the finished runs; other generator settings, or other data, are refused
     assert main(["study", "--config", str(tmp_path / "s.yaml")]) == 0
     (tmp_path / "out" / "runs" / "ce-seed0" / "score.json").unlink()  # as if stopped before scoring
-    for change, differing in (("generator", "the generator run"), ("data", "train_samples")):
+    for change, differing in (("generator", "train.lr"), ("data", "train_samples")):
         changed = yaml.safe_load(yaml.safe_dump(config))
         if change == "generator":
             changed["generator"]["train"]["lr"] = 1e-3

@@ -288,14 +288,11 @@ def measure_tokenizer(
     quality = evaluate_tokenizer(
         tok, build_dataset(cfg.data, split="test"), device=cfg.device, progress=False
     )
-    tau = suggest_tau(codebook, metric)
-    entropy = target_entropy(codebook, tau=tau, metric=metric, codes=train.indices.reshape(-1).long(),
-                             topk=cfg.loss.topk)  # fmt: skip
     info = {
         "setting": setting.name, "K": K, "metric": metric, "train_seconds": seconds,
         "test": quality,  # PSNR, SSIM, usage and perplexity on the test split
         "health": codebook_health(codebook, metric, train.indices),  # over the training tokens
-        "tau": tau, "target_entropy": entropy, "matched_smoothing": smoothing_for_entropy(entropy, K),
+        **snce_targets(codebook, metric, train.indices.reshape(-1).long(), cfg.loss.topk),
         "train_tokens": int(train.indices.numel()),
     }  # fmt: skip
     if latents:
@@ -330,15 +327,44 @@ def target_floors(
 
     codebook, metric = tok.quantizer.codebook.detach().float(), tok.quantizer.metric
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    floors = {}
-    for arm in arms_on(cfg, name, K):
-        if arm != "ce":
-            loss = TokenLoss(
-                arm_loss(arm, info, cfg.seed, **study_loss(cfg)), codebook, metric, has_latents=True
-            )
-            drawn = loss.sample_targets(indices.reshape(-1), K, latents, generator=gen)
-            floors[arm] = measure(drawn, full=False)
+    draws = target_draws(
+        arms_on(cfg, name, K), info, cfg.seed, codebook, metric, indices.reshape(-1),
+        latents=latents, generator=gen, **study_loss(cfg),
+    )  # fmt: skip
+    floors = {arm: measure(drawn, full=False) for arm, drawn in draws.items()}
     return measure(indices, full=True), floors
+
+
+def snce_targets(
+    codebook: torch.Tensor, metric: str, codes: torch.Tensor, topk: int | None = None
+) -> dict:
+    """The suggested ``tau`` of a codebook (K, D), the mean ``target_entropy`` of its SNCE targets over the
+    training ``codes`` (N,), and the ``matched_smoothing`` epsilon of equal entropy: what every arm but CE is
+    built from (:func:`arm_loss`)."""
+    tau = suggest_tau(codebook, metric)
+    entropy = target_entropy(codebook, tau=tau, metric=metric, codes=codes, topk=topk)
+    return {
+        "tau": tau, "target_entropy": entropy,
+        "matched_smoothing": smoothing_for_entropy(entropy, codebook.shape[0]),
+    }  # fmt: skip
+
+
+def target_draws(
+    arms, info: dict, seed: int, codebook: torch.Tensor, metric: str, indices: torch.Tensor, *,
+    latents: torch.Tensor | None = None, generator: torch.Generator | None = None, **loss_options,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Per arm but CE: every token of ``indices`` (N,) redrawn from the arm's training target
+    (:meth:`TokenLoss.sample_targets`), in the order of ``arms``, from ``generator``. ``loss_options``: the
+    study-wide options of :func:`arm_loss`."""
+    draws = {}
+    for arm in arms:
+        if arm != "ce":
+            loss_cfg = arm_loss(arm, info, seed, **loss_options)
+            loss = TokenLoss(loss_cfg, codebook, metric, has_latents=latents is not None)
+            draws[arm] = loss.sample_targets(
+                indices, codebook.shape[0], latents, generator=generator
+            )
+    return draws
 
 
 # ------------------------------------------------------------------------------------------ generators

@@ -53,9 +53,7 @@ class SceneStudyConfig(Config):
     train_samples: int = 8192
     test_samples: int = 500
     text_encoder: dict = field(default_factory=lambda: {"kind": "builtin"})
-    tokenizer_from: str = (
-        ""  # an existing scenes tokenizer directory to reuse instead of training one
-    )
+    tokenizer_from: str = ""  # a scenes tokenizer directory to reuse instead of training one
     tokenizer: dict = field(default_factory=dict)
     generator: dict = field(default_factory=dict)
     label_smoothing: float = 0.1  # the ls arm's epsilon
@@ -77,14 +75,14 @@ class SceneStudyConfig(Config):
 
 
 def run_scene_study(cfg: SceneStudyConfig) -> dict:
+    from snce.data import TokenShards
     from snce.data.scenes import SceneCaptions, SceneEdits
+    from snce.study.run import check_spec, read_json, snce_targets, write_json
     from snce.text import build_text_encoder
     from snce.tokenizer import Tokenizer, TokenizerRunConfig, tokenize_dataset, train_tokenizer
 
     out = Path(cfg.out_dir)
-    check_or_write(
-        out / "study.json", shared_settings(cfg), "this study's data, tokenizer or text encoder"
-    )
+    check_spec(out, shared_settings(cfg), shared_settings(SceneStudyConfig()))
     data = {"name": "scenes", "size": cfg.size, "num_samples": cfg.train_samples}
     tok_dir = Path(cfg.tokenizer_from).parent if cfg.tokenizer_from else out / "tokenizer"
     if not (tok_dir / "tokenizer" / "model.safetensors").is_file():
@@ -108,8 +106,10 @@ def run_scene_study(cfg: SceneStudyConfig) -> dict:
     test = dataset(cfg.size, cfg.test_samples, split="test")
     targets_file = out / "targets.json"  # computed once: a resume never recomputes the arms' losses
     if not targets_file.is_file():
-        atomic_write_text(targets_file, json.dumps(target_info(tokenizer, shards), indent=2) + "\n")
-    targets = json.loads(targets_file.read_text())
+        codebook, metric = tokenizer.quantizer.codebook.detach().float(), tokenizer.quantizer.metric
+        codes = TokenShards(shards).indices.reshape(-1).long()
+        write_json(targets_file, {**snce_targets(codebook, metric, codes), "metric": metric})
+    targets = read_json(targets_file)
     results = {
         "config": cfg.to_dict(), "targets": targets, "runs": {},
         "baselines": baselines(cfg, test, tokenizer, targets),
@@ -139,47 +139,12 @@ def shared_settings(cfg: SceneStudyConfig) -> dict:
     return {k: getattr(cfg, k) for k in keys}
 
 
-def check_or_write(path: Path, settings: dict, what: str) -> None:
-    """Write ``settings`` to ``path`` (JSON), or, if it exists, refuse to go on when they differ from it."""
-    settings = json.loads(json.dumps(settings))  # as JSON reads them back (tuples -> lists)
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != settings:
-            changed = sorted(
-                k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k)
-            )
-            raise ValueError(
-                f"{path.parent} holds a run made with other settings ({what}: {', '.join(changed)} differ); "
-                "use another out_dir, or delete it to start over"
-            )
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
-
-
-def target_info(tokenizer, shards: Path) -> dict:
-    """The SNCE temperature every snce arm starts from (the suggested tau of the tokenizer's codebook), the
-    mean entropy of its targets over the training tokens, and the label smoothing of equal entropy."""
-    from snce.data import TokenShards
-    from snce.functional import suggest_tau
-    from snce.losses.targets import smoothing_for_entropy, target_entropy
-
-    codebook, metric = tokenizer.quantizer.codebook.detach().float(), tokenizer.quantizer.metric
-    tau = suggest_tau(codebook, metric)
-    codes = TokenShards(shards).indices.reshape(-1).long()
-    entropy = target_entropy(codebook, tau=tau, metric=metric, codes=codes)
-    return {
-        "tau": tau, "metric": metric, "target_entropy": entropy,
-        "matched_smoothing": smoothing_for_entropy(entropy, codebook.shape[0]),
-    }  # fmt: skip
-
-
 def train_and_score(
     cfg, arm: str, seed: int, shards: Path, tok_dir: Path, test, targets: dict
 ) -> dict:
     """Train (or resume, or reuse) the generator of (arm, seed) and score it on ``test`` (cached in
-    ``score.json``); a run directory made with other settings is refused (``study_run.json``)."""
-    from snce.study.run import arm_loss
+    ``score.json``); a run directory made with other settings is refused (``spec.json``)."""
+    from snce.study.run import arm_loss, check_spec
     from snce.train.generator import GeneratorRunConfig, train_generator
 
     run_dir = Path(cfg.out_dir) / "runs" / f"{arm}-seed{seed}"
@@ -192,7 +157,7 @@ def train_and_score(
         "train": {**gen.get("train", {}), "out_dir": str(run_dir), "seed": seed, "device": cfg.device},
     })  # fmt: skip
     run_cfg.check()
-    check_or_write(run_dir / "study_run.json", run_cfg.to_dict(), "the generator run")
+    check_spec(run_dir, run_cfg.to_dict(), GeneratorRunConfig().to_dict())
     score_path = run_dir / "score.json"
     if score_path.is_file():
         return json.loads(score_path.read_text())
@@ -255,8 +220,7 @@ def baselines(cfg: SceneStudyConfig, test, tokenizer, targets: dict) -> dict:
     give) and, per other arm, those tokens redrawn one by one from the arm's training target and decoded
     (its target floor: what sampling at temperature 1 from a generator that learned that target exactly
     would give)."""
-    from snce.generators.objectives import TokenLoss
-    from snce.study.run import arm_loss
+    from snce.study.run import target_draws
 
     items = [test[i] for i in range(len(test))]
     if cfg.task == "t2i":
@@ -280,13 +244,12 @@ def baselines(cfg: SceneStudyConfig, test, tokenizer, targets: dict) -> dict:
     indices = torch.cat([tokenizer.encode(x).indices for x in real.split(256)])  # (N, h, w)
     answers["tokenizer reconstructions of the real answer (CE's target)"] = (items, decode(indices))
     codebook, metric = tokenizer.quantizer.codebook.detach().float(), tokenizer.quantizer.metric
-    gen = torch.Generator().manual_seed(cfg.seeds[0])
-    for arm in cfg.arms:
-        if arm != "ce":
-            loss = TokenLoss(arm_loss(arm, targets, cfg.seeds[0], label_smoothing=cfg.label_smoothing),
-                             codebook, metric)  # fmt: skip
-            drawn = loss.sample_targets(indices.reshape(-1), codebook.shape[0], generator=gen)
-            answers[f"{arm}'s target floor"] = (items, decode(drawn.view_as(indices)))
+    draws = target_draws(
+        cfg.arms, targets, cfg.seeds[0], codebook, metric, indices.reshape(-1),
+        generator=torch.Generator().manual_seed(cfg.seeds[0]), label_smoothing=cfg.label_smoothing,
+    )  # fmt: skip
+    for arm, drawn in draws.items():
+        answers[f"{arm}'s target floor"] = (items, decode(drawn.view_as(indices)))
     return {
         name: score_images(cfg.task, test, its, images) for name, (its, images) in answers.items()
     }
