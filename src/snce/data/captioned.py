@@ -26,10 +26,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from snce.data.images import _check_split, _held_out, _verifies, load_square, to_channels
+from snce.data.images import _check_split, _held_out, _verifies, load_image, read_or_next
 
 CAPTION_KEYS = {"image": "image", "text": "text"}  # JSON key -> what it holds
 EDIT_KEYS = {"source": "image", "instruction": "text", "target": "image"}
@@ -121,30 +120,18 @@ class _Records(Dataset):
         self.records = [records[i] for i in _held_out(len(records), _check_split(split))]
         self.size, self.channels = size, channels
         self.num_classes, self.class_names = 0, []
-        self._reported: set[int] = set()  # ids of the records already warned about
+        self._reported: set[int] = set()  # positions of the records already warned about
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int):
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} records")  # ends iteration
-        for j in range(len(self.records)):
-            record = self.records[(i + j) % len(self.records)]
-            try:
-                return self.item(record)
-            except (OSError, UnidentifiedImageError, ValueError) as e:
-                if id(record) not in self._reported:
-                    self._reported.add(id(record))
-                    warnings.warn(
-                        f"skipping a record of {self.file} with an unreadable image: {e}",
-                        stacklevel=2,
-                    )
-        raise ValueError(f"none of the {len(self.records)} records' images could be decoded")
+        return read_or_next(
+            self.records, i, self.item, self._reported, lambda _: f"a record of {self.file}"
+        )
 
     def image(self, path: Path) -> torch.Tensor:
-        with Image.open(path) as img:
-            return to_channels(load_square(img, self.size), self.channels)
+        return load_image(path, self.size, self.channels)
 
 
 class CaptionedImages(_Records):

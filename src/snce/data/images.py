@@ -83,8 +83,15 @@ class DataConfig(Config):
             file = getattr(self, name)
             if file is not None and not Path(file).is_file():
                 raise ConfigError(name, f"expected an existing JSON-lines file, got {file!r}")
-        if self.kind in ("captions", "edits") and self.path is not None and not Path(self.path).is_dir():
-            raise ConfigError("path", f"expected the directory the {self.kind} file's images are under, got {self.path!r}")
+        if (
+            self.kind in ("captions", "edits")
+            and self.path is not None
+            and not Path(self.path).is_dir()
+        ):
+            raise ConfigError(
+                "path",
+                f"expected the directory the {self.kind} file's images are under, got {self.path!r}",
+            )
         if self.kind == "folder":
             if self.path is None:
                 raise ConfigError("path", "is required for name 'folder' (a directory of images)")
@@ -457,25 +464,41 @@ class ImageFolder(Dataset):
         self.items = [readable[i] for i in keep]
         self.skipped = [f for f, _ in bad]
         self.num_classes, self.channels, self.size = len(self.class_names), channels, size
-        self._reported: set[Path] = set()
+        self._reported: set[int] = set()  # positions of the items already warned about
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} images")  # ends iteration
-        for j in range(len(self.items)):
-            path, label = self.items[(i + j) % len(self.items)]
-            try:
-                with Image.open(path) as img:
-                    x = load_square(img, self.size)
-                return to_channels(x, self.channels), label
-            except (OSError, UnidentifiedImageError, ValueError) as e:
-                if path not in self._reported:
-                    self._reported.add(path)
-                    warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=2)
-        raise ValueError(f"none of the {len(self.items)} images could be decoded")
+        return read_or_next(self.items, i, self._read, self._reported, lambda item: str(item[0]))
+
+    def _read(self, item: tuple[Path, int]) -> tuple[torch.Tensor, int]:
+        path, label = item
+        return load_image(path, self.size, self.channels), label
+
+
+def load_image(path: Path, size: int, channels: int) -> torch.Tensor:
+    """An image file -> (channels, size, size) float32 in [-1, 1], centre-cropped to a square."""
+    with Image.open(path) as img:
+        return to_channels(load_square(img, size), channels)
+
+
+def read_or_next(items: list, i: int, read, reported: set[int], name) -> object:
+    """``read(items[i])``, or where that fails to decode, the next item that does (wrapping around); each
+    failing item is warned about once, by ``name(item)`` (``reported``: positions already warned about).
+    IndexError past the end, so iterating the dataset stops; ValueError when no item decodes."""
+    n = len(items)
+    if not -n <= i < n:
+        raise IndexError(f"index {i} out of range for {n} items")
+    for j in range(n):
+        k = (i + j) % n
+        try:
+            return read(items[k])
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            if k not in reported:
+                reported.add(k)
+                warnings.warn(f"skipping {name(items[k])} (an unreadable image: {e})", stacklevel=3)
+    raise ValueError(f"none of the {n} items' images could be decoded")
 
 
 def _image_files(folder: Path) -> list[Path]:
